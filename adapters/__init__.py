@@ -1,0 +1,1 @@
+"""Adapter formats (PEFT on disk), conversion to the one form, store, pool, trainer."""

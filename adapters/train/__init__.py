@@ -1,0 +1,1 @@
+"""`loraplex train`: makes PEFT-format adapters on the NF4 base."""

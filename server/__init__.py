@@ -1,0 +1,1 @@
+"""gRPC services, engine, model runner and CLI of loraplex."""

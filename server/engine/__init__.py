@@ -1,0 +1,1 @@
+"""The engine: requests, scheduler, KV block manager, sampler, step loop. It knows nothing about gRPC."""

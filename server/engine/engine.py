@@ -1,0 +1,306 @@
+"""The engine: takes requests from any thread, runs the continuous-batching step loop
+in its own thread, streams each request's tokens back through its handle.
+
+    engine = Engine.from_config(EngineConfig(model_dir=...)); engine.start(); engine.warmup()
+    handle = engine.submit(GenerationRequest(prompt_token_ids=..., adapter_id="shout"))
+    for event in handle.events(): ...
+
+It knows nothing about gRPC or metrics libraries: `stats()` reports counters and gauges.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from loraplex.adapters.pool import AdapterPool
+from loraplex.kernels.backend import lora_ops
+from loraplex.server.engine.block_manager import BlockManager
+from loraplex.server.engine.catalog import AdapterCatalog
+from loraplex.server.engine.config import EngineConfig
+from loraplex.server.engine.errors import EngineDraining, InvalidRequest, QueueFull, UnknownAdapter
+from loraplex.server.engine.request import (
+    FINISH_CANCELLED,
+    FINISH_DEADLINE,
+    FINISH_ERROR,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    FinishEvent,
+    GenerationRequest,
+    RequestHandle,
+    SamplingParams,
+    TokenEvent,
+)
+from loraplex.server.engine.runner import ModelRunner
+from loraplex.server.engine.sampler import make_generator, sample
+from loraplex.server.engine.scheduler import Scheduler, SchedulerConfig
+from loraplex.server.engine.sequence import Sequence
+from loraplex.server.engine.tokenizer import Tokenizer
+from loraplex.server.model.loader import LoadSpec, load_model
+from loraplex.server.model.quantize import QuantSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    queue_depth: int
+    max_queue: int
+    running: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    adapters_known: int
+    adapters_resident: int
+    adapter_pins: int
+    adapter_loads: int  # cumulative
+    adapter_evictions: int  # cumulative
+    adapter_load_failures: int  # cumulative
+    preemptions: int  # cumulative
+    steps: int  # cumulative
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, model, tokenizer: Tokenizer):
+        self.config = config
+        self.model = model
+        self.tokenizer = tokenizer
+        self.blocks = BlockManager(config.num_blocks, config.block_size)
+        self.pool = AdapterPool(model.num_slots, model.load_adapter, model.clear_adapter)
+        self._retired: list = []
+        self.adapters = AdapterCatalog(
+            model,
+            max_rank=config.max_rank,
+            dtype=model.dtype,
+            host_cache_bytes=config.host_cache_bytes,
+            max_adapter_bytes=config.max_adapter_bytes,
+            is_resident=lambda key: self.pool.slot_of(key) is not None,
+            on_retire=self._retire,
+        )
+        self.scheduler = Scheduler(SchedulerConfig(config.max_batch_tokens, config.max_running), self.blocks, self.pool, self.adapters)
+        self.runner = ModelRunner(model, self.blocks, lora_ops(model.device, config.lora_backend), config.max_batch_tokens)
+        self.max_context = min(model.config.max_position, config.kv_cache_tokens)
+        self.max_prompt = min(config.max_prompt_tokens or self.max_context, self.max_context)
+        self.eos_ids = set(model.config.eos_token_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+        self.ready = False
+        self.steps = 0
+        self._incoming: list[Sequence] = []
+        self._waiting_count = 0  # submitted, not yet admitted (incoming + scheduler.waiting)
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._draining = False
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "Engine":
+        device, dtype = config.torch_device, config.torch_dtype
+        model_bytes_per_slot = None
+        spec = LoadSpec(quant=QuantSpec(mode=config.quantize), dtype=dtype, device=str(device), num_slots=1, max_rank=config.max_rank)
+        probe = load_model(config.model_dir, spec)
+        model_bytes_per_slot = probe.slot_bytes()
+        slots = min(config.adapter_slots, config.adapter_pool_bytes // max(1, model_bytes_per_slot))
+        if slots < 1:
+            raise ValueError(f"adapter_pool_bytes {config.adapter_pool_bytes} is below one slot ({model_bytes_per_slot} bytes at rank {config.max_rank})")
+        del probe
+        model = load_model(config.model_dir, LoadSpec(quant=spec.quant, dtype=dtype, device=str(device), num_slots=slots, max_rank=config.max_rank))
+        engine = cls(config, model, Tokenizer(config.model_dir))
+        if config.adapter_root is not None:
+            engine.register_adapter_root(config.adapter_root)
+        return engine
+
+    def register_adapter_root(self, root: Path) -> None:
+        """Registers every adapter directory under `root`; logs and skips invalid ones."""
+        root.mkdir(parents=True, exist_ok=True)
+        for d in sorted(p for p in root.iterdir() if p.is_dir() and (p / "adapter_config.json").exists()):
+            try:
+                self.adapters.add(d.name, d)
+            except Exception as e:  # one broken adapter must not stop the server
+                log.warning("skipping adapter %s: %s", d.name, e)
+
+    # -- the caller's side ---------------------------------------------------------------
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        """Queues a request; raises InvalidRequest, UnknownAdapter, QueueFull or EngineDraining."""
+        self._validate(request)
+        key = self.adapters.key_of(request.adapter_id) if request.adapter_id else None
+        handle = RequestHandle(request)
+        seq = Sequence(handle, key, list(request.prompt_token_ids), len(request.prompt_token_ids), make_generator(request.params))
+        with self._lock:
+            if self._draining or self._stop:
+                raise EngineDraining("the server is shutting down")
+            if self._waiting_count >= self.config.max_queue:
+                raise QueueFull(f"the queue is full ({self.config.max_queue} waiting requests)")
+            self._waiting_count += 1
+            self._incoming.append(seq)
+            self._wake.notify()
+        return handle
+
+    def _validate(self, request: GenerationRequest) -> None:
+        ids, p = request.prompt_token_ids, request.params
+        if not isinstance(p, SamplingParams):
+            raise InvalidRequest("params must be SamplingParams")
+        if not ids:
+            raise InvalidRequest("the prompt is empty")
+        if len(ids) > self.max_prompt:
+            raise InvalidRequest(f"the prompt has {len(ids)} tokens; the limit is {self.max_prompt}")
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise InvalidRequest(f"prompt token ids must be in [0, {vocab})")
+        if p.max_new_tokens > self.config.max_new_tokens:
+            raise InvalidRequest(f"max_new_tokens {p.max_new_tokens} is over the limit {self.config.max_new_tokens}")
+        if len(ids) + p.max_new_tokens > self.max_context:
+            raise InvalidRequest(f"prompt ({len(ids)}) + max_new_tokens ({p.max_new_tokens}) exceed the context of {self.max_context} tokens")
+        if request.adapter_id and request.adapter_id not in self.adapters:
+            raise UnknownAdapter(f"adapter {request.adapter_id!r} not found")
+
+    def generate(self, request: GenerationRequest, timeout: float | None = None) -> FinishEvent:
+        return self.submit(request).result(timeout)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            queue_depth=self._waiting_count,
+            max_queue=self.config.max_queue,
+            running=len(self.scheduler.running),
+            kv_blocks_used=self.blocks.num_used,
+            kv_blocks_total=self.blocks.num_blocks,
+            adapters_known=len(self.adapters),
+            adapters_resident=len(self.pool.resident),
+            adapter_pins=self.pool.total_pins,
+            adapter_loads=self.pool.counters.loads,
+            adapter_evictions=self.pool.counters.evictions,
+            adapter_load_failures=self.adapters.load_failures,
+            preemptions=self.scheduler.preemptions,
+            steps=self.steps,
+        )
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+            self._thread.start()
+
+    def warmup(self, timeout: float = 300.0) -> None:
+        """Runs one short generation through every layer; then `ready` is True."""
+        ids = self.tokenizer.encode("warm up") or [0]
+        result = self.generate(GenerationRequest(ids, SamplingParams(max_new_tokens=2, ignore_eos=True)), timeout)
+        if result.finish_reason == FINISH_ERROR:
+            raise RuntimeError(f"warm-up failed: {result.error}")
+        self.ready = True
+
+    def drain(self) -> None:
+        """Refuses new requests from now on; running and queued ones go on."""
+        with self._lock:
+            self._draining = True
+        self.ready = False
+
+    def idle(self) -> bool:
+        with self._lock:
+            return self._waiting_count == 0 and not self.scheduler.running
+
+    def shutdown(self, grace_s: float = 10.0) -> None:
+        """Drains, waits up to grace_s for requests to finish, cancels the rest, stops."""
+        self.drain()
+        deadline = time.monotonic() + grace_s
+        while not self.idle() and time.monotonic() < deadline and self._thread is not None:
+            time.sleep(0.01)
+        with self._lock:
+            self._stop = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+        self._finish_all(FINISH_CANCELLED, None)
+        self.adapters.close()
+
+    # -- the engine thread ---------------------------------------------------------------
+    def _retire(self, key) -> None:
+        with self._lock:
+            self._retired.append(key)
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stop and not self._incoming and not self._has_work():
+                    self._wake.wait(timeout=0.05)
+                if self._stop:
+                    return
+                incoming, self._incoming = self._incoming, []
+                retired, self._retired = self._retired, []
+            self.scheduler.waiting.extend(incoming)
+            for key in retired:
+                self.pool.remove(key)
+            try:
+                self.step()
+            except Exception as e:  # a failed step fails its requests, not the server
+                log.exception("engine step failed")
+                self._finish_all(FINISH_ERROR, f"internal error in the engine step: {e}")
+
+    def _has_work(self) -> bool:
+        return bool(self.scheduler.waiting or self.scheduler.running or self._retired)
+
+    def step(self) -> None:
+        """One scheduling step: expire, schedule, forward, sample, stream."""
+        self._expire()
+        plan = self.scheduler.schedule()
+        self._count_admitted()
+        if not plan:
+            if self.scheduler.waiting:
+                time.sleep(0.002)  # adapters loading in the background, or every slot pinned
+            return
+        logits = self.runner.run(plan)
+        self.steps += 1
+        wanting = [item.seq for item in plan if item.wants_logits]
+        for item in plan:
+            item.seq.num_computed += item.num_tokens
+        if not wanting:
+            return
+        tokens = sample(logits, [s.params for s in wanting], [s.generator for s in wanting])
+        now = time.monotonic()
+        for seq, token in zip(wanting, tokens):
+            self._append(seq, token, now)
+
+    def _append(self, seq: Sequence, token: int, now: float) -> None:
+        seq.tokens.append(token)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        p = seq.params
+        delta, hit_stop = seq.update_text(self.tokenizer.decode)
+        if delta or not hit_stop:
+            seq.handle._emit(TokenEvent((token,), delta, now))
+        if hit_stop or token in p.stop_token_ids or (token in self.eos_ids and not p.ignore_eos):
+            self._finish(seq, FINISH_STOP)
+        elif len(seq.generated) >= p.max_new_tokens:
+            self._finish(seq, FINISH_LENGTH)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            if seq.handle.cancelled:
+                self._finish(seq, FINISH_CANCELLED)
+            elif seq.handle.request.deadline is not None and now > seq.handle.request.deadline:
+                self._finish(seq, FINISH_DEADLINE)
+            elif seq.adapter_key is not None and not seq.admitted:
+                error = self.adapters.load_error(seq.adapter_key)
+                if error is not None:
+                    self._finish(seq, FINISH_ERROR, f"adapter {seq.adapter_key[0]!r} failed to load: {error}")
+
+    def _count_admitted(self) -> None:
+        with self._lock:
+            self._waiting_count = len(self._incoming) + len(self.scheduler.waiting)
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        self.scheduler.finish(seq)
+        rest = seq.rest_of_text()
+        if rest:
+            seq.handle._emit(TokenEvent((), rest, time.monotonic()))
+        seq.handle._emit(FinishEvent(reason, tuple(seq.generated), seq.text, seq.num_prompt, error))
+        self._count_admitted()
+
+    def _finish_all(self, reason: str, error: str | None) -> None:
+        with self._lock:
+            incoming, self._incoming = self._incoming, []
+        self.scheduler.waiting.extend(incoming)
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            self._finish(seq, reason, error)

@@ -1,0 +1,121 @@
+"""Continuous batching at step granularity: which sequences run this step and how
+many new tokens each feeds (a prefill chunk or one decode token), within a token budget,
+the KV blocks and the adapter slots. Preempts (by recomputation) the most recently
+admitted sequence when a running one needs a block and none is free.
+
+It changes block tables and adapter pins but runs no model; the engine thread is its
+only caller."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from loraplex.adapters.pool import AdapterPool
+from loraplex.server.engine.block_manager import BlockManager
+from loraplex.server.engine.sequence import Sequence
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_batch_tokens: int = 2048  # tokens fed per step (prefill chunks + decode tokens)
+    max_running: int = 64  # sequences in the running batch
+
+    def __post_init__(self) -> None:
+        if self.max_batch_tokens < 1 or self.max_running < 1:
+            raise ValueError("max_batch_tokens and max_running must be ≥ 1")
+
+
+@dataclass(frozen=True)
+class Scheduled:
+    seq: Sequence
+    num_tokens: int  # fed this step: tokens[num_computed : num_computed + num_tokens]
+
+    @property
+    def wants_logits(self) -> bool:
+        return self.seq.num_computed + self.num_tokens == len(self.seq.tokens)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager, pool: AdapterPool, catalog):
+        self.config = config
+        self.blocks = blocks
+        self.pool = pool
+        self.catalog = catalog
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._order = 0
+        self.preemptions = 0
+
+    def schedule(self) -> list[Scheduled]:
+        budget = self.config.max_batch_tokens
+        plan: list[Scheduled] = []
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq not in self.running:  # preempted below for an earlier one
+                continue
+            n = min(seq.pending, budget)
+            while not self.blocks.can_grow(seq.seq_id, seq.num_computed + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq not in self.running:
+                continue
+            self.blocks.grow(seq.seq_id, seq.num_computed + n)
+            plan.append(Scheduled(seq, n))
+            budget -= n
+        self._admit(plan, budget)
+        return plan
+
+    def _admit(self, plan: list[Scheduled], budget: int) -> None:
+        skipped: list[Sequence] = []
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_running:
+            seq = self.waiting.popleft()
+            if not self._bind_adapter(seq):
+                skipped.append(seq)  # its adapter is loading or every slot is pinned: others may go
+                continue
+            n = min(seq.pending, budget)
+            if not self.blocks.can_grow(seq.seq_id, seq.num_computed + n):
+                skipped.append(seq)
+                break  # first come, first served for KV blocks
+            self.blocks.grow(seq.seq_id, seq.num_computed + n)
+            self._order += 1
+            seq.order = self._order
+            self.running.append(seq)
+            plan.append(Scheduled(seq, n))
+            budget -= n
+        self.waiting.extendleft(reversed(skipped))
+
+    def _bind_adapter(self, seq: Sequence) -> bool:
+        if seq.admitted or seq.adapter_key is None:
+            seq.admitted = True
+            return True
+        key = seq.adapter_key
+        if self.pool.slot_of(key) is None and not self.catalog.weights_ready(key):
+            return False
+        slot = self.pool.acquire(key, lambda: self.catalog.weights(key))
+        if slot is None:
+            return False
+        seq.slot, seq.admitted = slot, True
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Frees `seq`'s blocks and puts it back first in line; it recomputes its tokens."""
+        self.running.remove(seq)
+        self.blocks.free(seq.seq_id)
+        seq.num_computed = 0
+        self.waiting.appendleft(seq)
+        self.preemptions += 1
+
+    def finish(self, seq: Sequence) -> None:
+        """Removes `seq` wherever it is and returns its blocks and adapter pin."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq.seq_id)
+        if seq.admitted and seq.adapter_key is not None:
+            self.pool.release(seq.adapter_key)
+        seq.admitted = False

@@ -1,0 +1,73 @@
+"""One request's state inside the engine: its tokens, how many are in the KV cache,
+its adapter slot, and the incremental detokenization that turns tokens into a text
+stream that never shows part of a stop string or of a UTF-8 character."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from loraplex.server.engine.request import RequestHandle
+
+
+@dataclass
+class Sequence:
+    handle: RequestHandle
+    adapter_key: object | None  # AdapterKey, None = base model
+    tokens: list[int]  # prompt + generated
+    num_prompt: int
+    generator: object | None  # torch.Generator for sampling, None when greedy
+    slot: int = -1  # adapter slot while running, -1 = base only
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    admitted: bool = False  # holds a pin on its adapter
+    text: str = ""  # decoded text of the generated tokens (stop string cut off)
+    emitted_chars: int = 0  # characters of `text` streamed so far
+    first_token_time: float | None = None
+    order: int = field(default=0)  # admission order, for preemption
+
+    @property
+    def seq_id(self) -> str:
+        return self.handle.request.request_id
+
+    @property
+    def params(self):
+        return self.handle.request.params
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[self.num_prompt :]
+
+    @property
+    def pending(self) -> int:
+        """Tokens to feed before the next logits: the uncached prompt, or the last sampled token."""
+        return len(self.tokens) - self.num_computed
+
+    def update_text(self, decode) -> tuple[str, bool]:
+        """Re-decodes the generated tokens; returns (new text to stream, hit a stop string).
+        Holds back an incomplete UTF-8 character and any suffix that may start a stop string."""
+        full = decode(self.generated)
+        stops = self.params.stop_strings
+        hit = False
+        if stops:
+            search_from = max(0, len(self.text) - max(map(len, stops)))
+            found = [i for i in (full.find(s, search_from) for s in stops) if i >= 0]
+            if found:
+                full, hit = full[: min(found)], True
+        self.text = full
+        end = len(full)
+        if not hit:
+            while end > self.emitted_chars and full[end - 1] == "\ufffd":
+                end -= 1
+            for s in stops:
+                for k in range(min(len(s) - 1, end - self.emitted_chars), 0, -1):
+                    if full[end - k : end] == s[:k]:
+                        end -= k
+                        break
+        delta = full[self.emitted_chars : end]
+        self.emitted_chars = max(self.emitted_chars, end)
+        return delta, hit
+
+    def rest_of_text(self) -> str:
+        """Whatever was held back, at finish."""
+        delta = self.text[self.emitted_chars :]
+        self.emitted_chars = len(self.text)
+        return delta

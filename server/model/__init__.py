@@ -1,0 +1,1 @@
+"""Our compact Llama-family forward over a packed varlen batch with a paged KV cache."""

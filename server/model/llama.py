@@ -1,0 +1,157 @@
+"""Our compact Llama-family decoder (Llama, Mistral, Qwen2) over a packed varlen batch:
+RMSNorm, RoPE, GQA attention over a paged KV cache, SwiGLU MLP; every decoder linear is
+an `AdapterLinear` whose adapter deltas go through the shrink/expand ops.
+
+It knows nothing of requests, sampling or tokenization: the engine hands it token ids,
+positions, attention metadata and the token→slot mapping, and gets logits back.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loraplex.adapters.form import AdapterWeights
+from loraplex.kernels.backend import LoraOps
+from loraplex.kernels.mapping import LoraMapping
+from loraplex.server.model.adapter_linear import AdapterLinear
+from loraplex.server.model.attention import AttentionMetadata, KVCache, paged_attention_torch
+from loraplex.server.model.config import ModelConfig
+
+# Which target modules share an input, and so one AdapterLinear (one shrink/expand pair).
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)  # [hidden]
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, groups: dict[str, AdapterLinear], norms: tuple[RMSNorm, RMSNorm]):
+        super().__init__()
+        self.config = config
+        self.qkv, self.o, self.gate_up, self.down = (groups[g[0]] for g in GROUPS)
+        self.input_norm, self.post_norm = norms
+        self.q_width = config.num_heads * config.head_dim
+        self.kv_width = config.num_kv_heads * config.head_dim
+
+    def forward(self, h, cos, sin, layer: int, cache: KVCache, meta: AttentionMetadata, mapping: LoraMapping, ops: LoraOps):
+        c = self.config
+        x = self.input_norm(h)  # [T, hidden]
+        qkv = self.qkv(x, mapping, ops)  # [T, q + 2 kv]
+        q, k, v = qkv.split([self.q_width, self.kv_width, self.kv_width], dim=-1)
+        q = q.reshape(-1, c.num_heads, c.head_dim)  # [T, H, D]
+        k = k.reshape(-1, c.num_kv_heads, c.head_dim)  # [T, KVH, D]
+        v = v.reshape(-1, c.num_kv_heads, c.head_dim)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        cache.write(layer, k, v.contiguous(), meta.slot_mapping)
+        attn = paged_attention_torch(q, cache, layer, meta, scale=c.head_dim**-0.5)  # [T, H, D]
+        h = h + self.o(attn.reshape(-1, self.q_width), mapping, ops)
+        x = self.post_norm(h)
+        gate, up = self.gate_up(x, mapping, ops).chunk(2, dim=-1)  # [T, I] each
+        return h + self.down(F.silu(gate) * up, mapping, ops)
+
+
+class LlamaModel(nn.Module):
+    def __init__(
+        self,
+        config: ModelConfig,
+        embed: torch.Tensor,  # [V, hidden]
+        layers: Sequence[DecoderLayer],
+        norm: RMSNorm,
+        lm_head: torch.Tensor,  # [V, hidden]
+        num_slots: int,
+        max_rank: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Parameter(embed, requires_grad=False)
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
+        self.lm_head = nn.Parameter(lm_head, requires_grad=False)
+        self.num_slots = num_slots
+        self.max_rank = max_rank
+        self.dtype = dtype
+        self.device = device
+        inv_freq, self.rope_scaling = config.rope_inv_freq(device)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # [head_dim / 2]
+
+    # -- BaseModelView (what adapter conversion needs) --------------------------------
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_layers
+
+    def module_shape(self, layer: int, name: str) -> tuple[int, int]:
+        if not 0 <= layer < self.config.num_layers:
+            raise KeyError(f"layer {layer} out of range (the base has {self.config.num_layers})")
+        return self.config.module_shape(name)
+
+    def dense_weight(self, layer: int, name: str) -> torch.Tensor:
+        group, i = self._find(layer, name)
+        return group.bases[i].dense_weight()
+
+    def _find(self, layer: int, name: str) -> tuple[AdapterLinear, int]:
+        for group in (self.layers[layer].qkv, self.layers[layer].o, self.layers[layer].gate_up, self.layers[layer].down):
+            if name in group.names:
+                return group, group.names.index(name)
+        raise KeyError(name)
+
+    def adapter_groups(self):
+        """(layer index, AdapterLinear) of every adapted group."""
+        for i, layer in enumerate(self.layers):
+            for group in (layer.qkv, layer.o, layer.gate_up, layer.down):
+                yield i, group
+
+    # -- the pool's writers ------------------------------------------------------------
+    def load_adapter(self, slot: int, weights: AdapterWeights) -> None:
+        for i, group in self.adapter_groups():
+            group.load(slot, [weights.modules.get((i, name)) for name in group.names])
+
+    def clear_adapter(self, slot: int) -> None:
+        for _, group in self.adapter_groups():
+            group.clear(slot)
+
+    def slot_bytes(self) -> int:
+        return sum(group.slot_bytes() for _, group in self.adapter_groups())
+
+    # -- forward -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T] int64
+        positions: torch.Tensor,  # [T] int64
+        cache: KVCache,
+        meta: AttentionMetadata,
+        mapping: LoraMapping,
+        ops: LoraOps,
+        logits_rows: torch.Tensor,  # [B] int64, rows whose next-token logits are needed
+    ) -> torch.Tensor:  # [B, vocab] float32
+        h = self.embed[input_ids]  # [T, hidden]
+        freqs = positions.float().unsqueeze(1) * self.inv_freq.unsqueeze(0)  # [T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
+        cos = (emb.cos() * self.rope_scaling).to(self.dtype).unsqueeze(1)  # [T, 1, D]
+        sin = (emb.sin() * self.rope_scaling).to(self.dtype).unsqueeze(1)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, i, cache, meta, mapping, ops)
+        h = self.norm(h[logits_rows])  # [B, hidden]
+        return (h @ self.lm_head.t()).float()

@@ -1,0 +1,19 @@
+"""Shared fixtures. Without CUDA, Triton kernels run in Triton's interpreter: the
+variable must be set before any kernel module is imported, so it is set here."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -22,7 +22,7 @@ serve: $(VENV)/.installed
 	$(VENV)/bin/loraplex serve
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(VENV)/bin/pytest -q tests
 
 # Regenerate the gRPC stubs from proto/ (grpcio-tools 1.84: newer stubs refuse grpcio 1.84).
 protos: $(VENV)/.installed

@@ -17,3 +17,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# tests/support/ holds helpers shared by several test folders (peft_adapters.py). Tests run
+# with --import-mode=importlib, so no test folder (tests/kernels!) shadows a real package.
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent / "support"))

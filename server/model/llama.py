@@ -155,3 +155,20 @@ class LlamaModel(nn.Module):
             h = layer(h, cos, sin, i, cache, meta, mapping, ops)
         h = self.norm(h[logits_rows])  # [B, hidden]
         return (h @ self.lm_head.t()).float()
+
+
+def score_sequence(model: LlamaModel, ids: Sequence[int], slot: int = -1, ops: LoraOps | None = None) -> torch.Tensor:
+    """Logits at every position of one sequence ([T, vocab] float32), with adapter `slot`
+    (-1 = base), in a private KV cache: for scoring and for fidelity checks."""
+    from loraplex.kernels.backend import lora_ops
+    from loraplex.kernels.mapping import build_mapping
+
+    c, n, block = model.config, len(ids), 16
+    num_blocks = -(-n // block)
+    cache = KVCache(c.num_layers, num_blocks, block, c.num_kv_heads, c.head_dim, model.dtype, model.device)
+    dev = model.device
+    meta = AttentionMetadata([0, n], [n], [torch.arange(num_blocks, device=dev)], torch.arange(n, device=dev), c.sliding_window)
+    mapping = build_mapping(torch.full((n,), slot, dtype=torch.int32), model.num_slots)
+    positions = torch.arange(n, device=dev)
+    ids_t = torch.tensor(list(ids), dtype=torch.int64, device=dev)
+    return model(ids_t, positions, cache, meta, mapping, ops or lora_ops(dev), positions)

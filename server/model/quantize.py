@@ -61,6 +61,9 @@ def nf4_linear(linear: nn.Linear, compute_dtype: torch.dtype, spec: QuantSpec = 
         device=linear.weight.device,
     )
     out.weight = nf4_params(linear.weight.data.float(), spec)
+    # bitsandbytes' CPU inference fast path (AVX512-BF16) repacks the weight and computes
+    # in lower precision; keep dequantize-then-matmul, the NF4 semantics the runner uses.
+    out.support_avx512bf16_for_cpu = False
     if linear.bias is not None:
         out.bias = nn.Parameter(linear.bias.data.to(compute_dtype), requires_grad=False)
     return out

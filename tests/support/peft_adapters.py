@@ -40,8 +40,9 @@ def peft_config(kind: str):
     raise ValueError(kind)
 
 
-def make_peft_model(kind: str, seed: int = 0, base=None):
-    """A PEFT model with random, non-zero adapter weights of `kind` on the NF4 base."""
+def make_peft_model(kind: str, seed: int = 0, base=None, strength: float = 1.0):
+    """A PEFT model with random, non-zero adapter weights of `kind` on the NF4 base;
+    `strength` scales LoRA's B (larger: greedy outputs differ from the base sooner)."""
     from peft import get_peft_model
 
     torch.manual_seed(seed)
@@ -59,12 +60,12 @@ def make_peft_model(kind: str, seed: int = 0, base=None):
             elif kind == "dora" and "lora_magnitude_vector" in name:
                 p.mul_(1 + 0.2 * torch.randn_like(p))
             elif "lora_B" in name:
-                p.copy_(torch.randn_like(p) * 0.05)
+                p.copy_(torch.randn_like(p) * 0.05 * strength)
     return model.eval()
 
 
-def save_peft_adapter(kind: str, out: Path, seed: int = 0):
+def save_peft_adapter(kind: str, out: Path, seed: int = 0, strength: float = 1.0):
     """Saves a PEFT adapter of `kind` into `out`; returns the in-memory PEFT model."""
-    model = make_peft_model(kind, seed)
+    model = make_peft_model(kind, seed, strength=strength)
     model.save_pretrained(str(out), safe_serialization=True)
     return model

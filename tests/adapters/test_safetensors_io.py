@@ -118,6 +118,7 @@ def test_bad_json_refused(tmp_path, header, match):
         ({"a": entry(shape=(-2,))}, 8, "invalid shape"),
         ({"a": entry(shape=(2.0,))}, 8, "invalid shape"),
         ({"a": entry(shape=(True, 2))}, 8, "invalid shape"),
+        ({"a": entry(shape=(0, 2**40), end=0)}, 0, "invalid shape"),
         ({"a": {**entry(), "data_offsets": [0]}}, 8, "invalid data_offsets"),
         ({"a": {**entry(), "extra": 1}}, 8, "exactly dtype, shape, data_offsets"),
         ({"a": {"dtype": "F32", "shape": [2]}}, 8, "exactly dtype, shape, data_offsets"),

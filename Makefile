@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TRITON_INTERPRET ?= $(shell nvidia-smi >/dev/null 2>&1 || echo 1)
 export TRITON_INTERPRET
 
-.PHONY: install serve test protos bench-kernels clean
+.PHONY: install serve test protos bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,9 +24,15 @@ serve: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(VENV)/bin/pytest -q tests
 
-# Regenerate the gRPC stubs from proto/ (grpcio-tools 1.84: newer stubs refuse grpcio 1.84).
+# Regenerate the gRPC stubs from proto/ (grpcio-tools 1.84.0: stubs from a newer one refuse older grpcio).
 protos: $(VENV)/.installed
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --grpc_python_out=. --pyi_out=. proto/loraplex/v1/*.proto
+
+# Benchmarks print tables and write JSON under bench/results/ (kernel sweeps need CUDA).
+bench: $(VENV)/.installed
+	$(PY) bench/engine_mixed.py
+	$(PY) bench/lora_kernels.py $(if $(TRITON_INTERPRET),--smoke,)
+	$(PY) bench/nf4_matmul.py $(if $(TRITON_INTERPRET),--smoke,)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

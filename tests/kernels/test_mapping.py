@@ -70,10 +70,14 @@ def test_random_mappings_and_prefill_tiles():
 def test_buffers_rewrite_in_place():
     buffers = LoraMappingBuffers(64, 6, DEVICE)
     first = buffers.update(torch.tensor([5, 5, -1, 0] * 8, dtype=torch.int32, device=DEVICE))
-    ptrs = [x.data_ptr() for x in (first.token_slots, first.sorted_tokens, first.slot_starts, first.tile_slots)]
+
+    def ptrs(m):
+        return [x.data_ptr() for x in (m.token_slots, m.sorted_tokens, m.slot_starts, m.tile_slots, m.tile_starts)]
+
+    before = ptrs(first)
     new = [1, -1, 4, 4, 2, 0] * 5 + [3, 3]
     second = buffers.update(torch.tensor(new, dtype=torch.int32))  # host tensor into device buffers
-    assert [x.data_ptr() for x in (second.token_slots, second.sorted_tokens, second.slot_starts, second.tile_slots)] == ptrs
+    assert ptrs(second) == before
     check_mapping(second, new, 6)
     check_mapping(buffers.update(torch.tensor([2, -1, 2], dtype=torch.int32)), [2, -1, 2], 6)
     with pytest.raises(ValueError):

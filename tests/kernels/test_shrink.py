@@ -92,11 +92,14 @@ def test_deterministic():
     assert torch.equal(run_shrink(x, stacks, mapping, ranks), run_shrink(x, stacks, mapping, ranks))
 
 
-def test_prefill_tiles_ranks_none_and_four_slices():
-    # 300 tokens: 64-token tiles; 4 slices: two launches; ranks None: every slot at R
-    x, stacks, _, mapping = make_case(300, 40, 3, 8, 4, torch.float32, "base25", seed=3)
+@pytest.mark.parametrize("max_rank,n_slices,use_ranks", [(8, 4, False), (100, 3, True), (128, 1, True)])
+def test_prefill_tiles(max_rank, n_slices, use_ranks):
+    # 300 tokens: 64-token tiles, rank tiles of up to 64 (3 slices) or 128 (1 slice);
+    # 4 slices: two launches; ranks None: every slot at R
+    x, stacks, ranks, mapping = make_case(300, 40, 3, max_rank, n_slices, torch.bfloat16, "base25", seed=3)
     assert mapping.block_m == 64
-    check(x, stacks, mapping, None, run_shrink(x, stacks, mapping, None))
+    ranks = ranks if use_ranks else None
+    check(x, stacks, mapping, ranks, run_shrink(x, stacks, mapping, ranks))
 
 
 def test_reads_nothing_past_the_rank():

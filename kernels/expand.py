@@ -1,0 +1,251 @@
+"""expand: the second half of the adapter delta, written in place over several output
+slices (q|k|v, gate|up) in one call, with DoRA's magnitude scale in the epilogue.
+
+`expand_ref` is the Semantics and the CPU backend; the Triton kernel and its launcher
+(`expand`) are drop-in on CUDA.
+
+Kernel layout: one program per (tile of <= BLOCK_M tokens of one slot, from the
+mapping's tile list) × (tile of BLOCK_N output columns). The column tiles of all slices
+are numbered one after another (slice i owns ceil(out_i / BLOCK_N) of them), so slices
+of unequal widths (4096 | 1024 | 1024) share one launch and no tile straddles two slices.
+The K loop runs over the slot's own rank rounded up to 16, so adapters of rank 8 and
+128 share a launch without the small ones paying for the large. The grid depends only
+on host integers (see kernels/mapping.py), so a captured launch replays with any mapping
+of the same token count. Base-only tiles exit at once: their rows are never touched.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from loraplex.kernels.mapping import LoraMapping
+
+MAX_SLICES_PER_LAUNCH = 3  # q|k|v, the widest fused module of the Llama family; more slices take more launches
+# Output columns per program. 128 bf16 columns of y are 256 B per row (full cache lines);
+# the decode qkv case (6144 columns, 64 one-token tiles) still gets 3072 programs.
+# Chosen by reasoning, not yet measured on a GPU (bench/lora_kernels.py).
+BLOCK_N = 128
+# Rank step: the issue asks for each slot's rank rounded up to 16, and 16 is the K of
+# one bf16 tensor-core dot.
+BLOCK_K = 16
+
+
+@triton.jit
+def _expand_kernel(
+    y_ptr,  # [T, sum(out_i)] (columns of this launch's first slice start here), unit column stride
+    t_ptr,  # [N_SLICES, T, R] float32 or bf16, contiguous
+    b0_ptr,  # [S, out_0, R] contiguous
+    b1_ptr,  # [S, out_1, R] (aliases b0 when N_SLICES < 2)
+    b2_ptr,  # [S, out_2, R] (aliases b0 when N_SLICES < 3)
+    g0_ptr,  # [S, out_0] DoRA magnitude scale (unused unless HAS_G)
+    g1_ptr,  # [S, out_1]
+    g2_ptr,  # [S, out_2]
+    scales_ptr,  # [N_SLICES, S] float32, contiguous
+    ranks_ptr,  # [N_SLICES, S] int32 (unused unless HAS_RANKS)
+    sorted_tokens_ptr,  # [T] int32
+    tile_slots_ptr,  # [G] int32, slot, -1 base tile, -2 empty
+    tile_starts_ptr,  # [G] int32
+    tile_ends_ptr,  # [G] int32
+    num_tokens,  # T
+    max_rank,  # R
+    num_slots,  # S
+    stride_yt,
+    w0,  # out_0
+    w1,  # out_1 (0 when N_SLICES < 2)
+    w2,  # out_2 (0 when N_SLICES < 3)
+    N_SLICES: tl.constexpr,
+    HAS_G: tl.constexpr,
+    HAS_RANKS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    pid_n = tl.program_id(1)  # column tile, numbered across slices
+    slot = tl.load(tile_slots_ptr + tile)
+    if slot < 0:  # base-only rows stay untouched; past the last tile: nothing to do
+        return
+    slot_c = slot.to(tl.int64)
+
+    # which slice this column tile belongs to
+    nt0 = tl.cdiv(w0, BLOCK_N)
+    nt1 = tl.cdiv(w1, BLOCK_N)
+    in1 = (pid_n >= nt0).to(tl.int32)
+    in2 = (pid_n >= nt0 + nt1).to(tl.int32)
+    sl = in1 + in2
+    local_n = pid_n - in1 * nt0 - in2 * nt1
+    col0 = in1 * w0 + in2 * w1  # first column of the slice in y
+    width = w0 + in1 * (w1 - w0) + in2 * (w2 - w1)
+    b_ptr = b0_ptr
+    g_ptr = g0_ptr
+    if N_SLICES > 1:
+        if sl == 1:
+            b_ptr = b1_ptr
+            g_ptr = g1_ptr
+    if N_SLICES > 2:
+        if sl == 2:
+            b_ptr = b2_ptr
+            g_ptr = g2_ptr
+
+    if HAS_RANKS:
+        rank = tl.minimum(tl.load(ranks_ptr + sl * num_slots + slot_c), max_rank)
+    else:
+        rank = max_rank
+    k_stop = tl.cdiv(rank, BLOCK_K) * BLOCK_K  # the slot's rank rounded up to 16
+    scale = tl.load(scales_ptr + sl * num_slots + slot_c)
+
+    start = tl.load(tile_starts_ptr + tile)
+    end = tl.load(tile_ends_ptr + tile)
+    offs_m = start + tl.arange(0, BLOCK_M)  # [BM] positions in sorted_tokens
+    m_mask = offs_m < end
+    rows = tl.load(sorted_tokens_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)  # [BM] token ids
+    offs_n = local_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] columns within the slice
+    n_mask = offs_n < width
+
+    t_base = t_ptr + sl.to(tl.int64) * num_tokens * max_rank  # t[slice], [T, R]
+    b_base = b_ptr + slot_c * width * max_rank  # B[slot], [out, R]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # [BM, BN]
+    for k in range(0, k_stop, BLOCK_K):
+        offs_k = k + tl.arange(0, BLOCK_K)  # [BK]
+        k_mask = offs_k < rank
+        tt = tl.load(
+            t_base + rows[:, None] * max_rank + offs_k[None, :],
+            mask=m_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)  # [BM, BK]
+        bt = tl.load(
+            b_base + offs_n[None, :] * max_rank + offs_k[:, None],
+            mask=n_mask[None, :] & k_mask[:, None],
+            other=0.0,
+        ).to(tl.float32)  # [BK, BN] = B[slot, n, k]ᵀ
+        acc += tl.dot(tt, bt, input_precision=PRECISION)
+
+    mask = m_mask[:, None] & n_mask[None, :]
+    y_ptrs = y_ptr + rows[:, None] * stride_yt + (col0 + offs_n)[None, :]  # [BM, BN]
+    v = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32) + scale * acc
+    if HAS_G:
+        gv = tl.load(g_ptr + slot_c * width + offs_n, mask=n_mask, other=1.0).to(tl.float32)  # [BN]
+        v = v * gv[None, :]
+    tl.store(y_ptrs, v.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def expand(
+    y: torch.Tensor,  # [T, sum(out_i)], updated in place
+    t: torch.Tensor,  # [n_slices, T, R] float32 (or bf16), from shrink
+    b_stacks: Sequence[torch.Tensor],  # n_slices × [S, out_i, R]
+    scales: torch.Tensor,  # [n_slices, S] float32
+    g: Sequence[torch.Tensor] | None,  # n_slices × [S, out_i] (ones for non-DoRA slots), or None
+    mapping: LoraMapping,
+    ranks: torch.Tensor | None = None,  # [n_slices, S] int32; columns past a slot's rank are zero and skipped
+) -> None:
+    """Triton `expand_ref`: same Semantics, all slices in one launch (up to 3)."""
+    n_slices = len(b_stacks)
+    if n_slices == 0:
+        raise ValueError("expand needs at least one slice")
+    if y.dim() != 2 or y.stride(1) != 1:
+        raise ValueError(f"y must be [T, out] with unit column stride, got {tuple(y.shape)} strides {y.stride()}")
+    if y.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"y dtype {y.dtype} not supported (fp32, bf16, fp16)")
+    num_tokens = y.shape[0]
+    num_slots, _, max_rank = b_stacks[0].shape
+    widths = [b.shape[1] for b in b_stacks]
+    for b in b_stacks:
+        if b.dim() != 3 or (b.shape[0], b.shape[2]) != (num_slots, max_rank) or not b.is_contiguous():
+            raise ValueError(f"B stacks must be contiguous [S, out_i, R], got {tuple(b.shape)}")
+        if b.dtype != y.dtype or b.device != y.device:
+            raise ValueError(f"B stacks must have y's dtype and device, got {b.dtype} on {b.device}")
+    if sum(widths) != y.shape[1]:
+        raise ValueError(f"output slices cover {sum(widths)} columns but y has {y.shape[1]}")
+    if t.shape != (n_slices, num_tokens, max_rank) or t.dtype not in (torch.float32, torch.bfloat16):
+        want = f"[{n_slices}, {num_tokens}, {max_rank}]"
+        raise ValueError(f"t must be float32/bf16 {want}, got {tuple(t.shape)} {t.dtype}")
+    if not t.is_contiguous():
+        raise ValueError("t must be contiguous")
+    if scales.shape != (n_slices, num_slots) or scales.dtype != torch.float32 or not scales.is_contiguous():
+        raise ValueError(f"scales must be contiguous float32 [{n_slices}, {num_slots}]")
+    if g is not None:
+        if len(g) != n_slices:
+            raise ValueError(f"g has {len(g)} slices, B has {n_slices}")
+        for gi, w in zip(g, widths):
+            if gi.shape != (num_slots, w) or not gi.is_contiguous() or gi.dtype != g[0].dtype:
+                raise ValueError(f"g slices must be contiguous [S, out_i] of one dtype, got {tuple(gi.shape)}")
+    if ranks is not None:
+        if ranks.shape != (n_slices, num_slots) or ranks.dtype != torch.int32 or not ranks.is_contiguous():
+            raise ValueError(f"ranks must be contiguous int32 [{n_slices}, {num_slots}]")
+    if mapping.num_slots != num_slots or mapping.num_tokens != num_tokens:
+        raise ValueError(f"mapping is for {mapping.num_tokens} tokens / {mapping.num_slots} slots")
+    if not mapping.any_adapter or num_tokens == 0:
+        return
+
+    block_m, tile_slots, tile_starts, tile_ends = mapping.tiles()
+    num_tiles = tile_slots.shape[0]  # G, a host bound (never read from the device)
+    col = 0
+    for i0 in range(0, n_slices, MAX_SLICES_PER_LAUNCH):
+        i1 = min(i0 + MAX_SLICES_PER_LAUNCH, n_slices)
+        nc = i1 - i0
+        pad = MAX_SLICES_PER_LAUNCH - nc
+        bs = list(b_stacks[i0:i1]) + [b_stacks[i0]] * pad
+        gs = (list(g[i0:i1]) + [g[i0]] * pad) if g is not None else [scales] * MAX_SLICES_PER_LAUNCH
+        ws = widths[i0:i1] + [0] * pad
+        n_col_tiles = sum(triton.cdiv(w, BLOCK_N) for w in ws)
+        grid = (num_tiles, n_col_tiles)
+        _expand_kernel[grid](
+            y[:, col:], t[i0:i1], *bs, *gs, scales[i0:i1],
+            ranks[i0:i1] if ranks is not None else scales,
+            mapping.sorted_tokens, tile_slots, tile_starts, tile_ends,
+            num_tokens, max_rank, num_slots, y.stride(0), *ws,
+            N_SLICES=nc,
+            HAS_G=g is not None,
+            HAS_RANKS=ranks is not None,
+            BLOCK_M=block_m,
+            BLOCK_N=BLOCK_N,
+            BLOCK_K=BLOCK_K,
+            # 16-bit stacks: B is exact in tf32 and t keeps fp32's range (never fp16);
+            # its 11-bit mantissa is below the bf16/fp16 rounding of y.
+            PRECISION="ieee" if y.dtype == torch.float32 else "tf32",
+            num_warps=4,
+        )  # fmt: skip
+        col += sum(widths[i0:i1])
+
+
+def expand_ref(
+    y: torch.Tensor,  # [T, sum(out_i)], updated in place
+    t: torch.Tensor,  # [n_slices, T, R] float32 (or bf16), from shrink
+    b_stacks: Sequence[torch.Tensor],  # n_slices × [S, out_i, R]
+    scales: torch.Tensor,  # [n_slices, S] float32
+    g: Sequence[torch.Tensor] | None,  # n_slices × [S, out_i] (ones for non-DoRA slots), or None
+    mapping: LoraMapping,
+    ranks: torch.Tensor | None = None,  # [n_slices, S] int32; columns past a slot's rank are zero, so unused here
+) -> None:
+    """Semantics, for each slice i with output columns [o_i, o_i + out_i) of y:
+
+        for tok in range(T):
+            s = mapping.token_slots[tok]
+            if s < 0: continue                          # base-only rows are untouched
+            d = scales[i, s] * (t[i, tok].float() @ B_i[s].float().T)
+            v = y[tok, o_i:o_i+out_i].float() + d
+            if g is not None: v = g[i][s].float() * v
+            y[tok, o_i:o_i+out_i] = v.to(y.dtype)
+    """
+    if not mapping.any_adapter or y.shape[0] == 0:
+        return
+    slots = mapping.token_slots.long()  # [T]
+    rows = (slots >= 0).nonzero().squeeze(1)  # [T_a]
+    s_rows = slots[rows]  # [T_a]
+    offset = 0
+    for i, b in enumerate(b_stacks):
+        width = b.shape[1]
+        b_tok = b[s_rows].float()  # [T_a, out_i, R]
+        delta = torch.bmm(b_tok, t[i, rows].float().unsqueeze(2)).squeeze(2)  # [T_a, out_i]
+        v = y[rows, offset : offset + width].float() + scales[i, s_rows].float().unsqueeze(1) * delta
+        if g is not None:
+            v = g[i][s_rows].float() * v
+        y[rows, offset : offset + width] = v.to(y.dtype)
+        offset += width
+    if offset != y.shape[1]:
+        raise ValueError(f"output slices cover {offset} columns but y has {y.shape[1]}")

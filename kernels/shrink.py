@@ -1,0 +1,273 @@
+"""shrink: the first half of the adapter delta, t = x @ A[slot(token)]ᵀ, for many slices.
+
+`shrink_ref` is the Semantics and the CPU backend; the Triton kernel and its launcher
+(`shrink`) are drop-in on CUDA. Both take an optional preallocated `out`.
+
+Kernel layout: one program per (tile of <= BLOCK_M tokens of one slot) × (tile of
+BLOCK_N rank columns) × (K split), and every program serves all slices (q|k|v) of its
+tile, so each x tile is loaded once for all of them. The tile list comes from the
+mapping (kernels/mapping.py); its length is a host-known bound, so the grid never
+depends on the slot values and a launch captured in a CUDA graph stays valid for every
+mapping of the same token count. Programs past the last tile exit at once; base-only
+tiles, and rank tiles past the slot's rank, write zeros without reading A. Split-K
+partial sums are added in a fixed order by a second op (no float atomics). The launcher
+never reads a device tensor back.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from loraplex.kernels.mapping import LoraMapping
+
+MAX_SLICES_PER_LAUNCH = 3  # q|k|v, the widest fused module of the Llama family; more slices take more launches
+# Bytes of A per pipeline stage (all slices): 24 KiB keeps 3 stages plus the x tile
+# under ~100 KiB of shared memory, so two programs fit on an H100 SM.
+A_STAGE_BYTES = 24 << 10
+
+
+@triton.jit
+def _slice_dot(acc, xt, a_ptr, slot_c, rank, offs_n, offs_k, k_mask, max_rank, in_features, DOT_FP32: tl.constexpr):
+    """acc [BM, BN] += xt [BM, BK] @ A[slot, offs_n, offs_k]ᵀ, rows past `rank` never read."""
+    at = tl.load(
+        a_ptr + slot_c * max_rank * in_features + offs_n[None, :] * in_features + offs_k[:, None],
+        mask=(offs_n < rank)[None, :] & k_mask[:, None],
+        other=0.0,
+    )  # [BK, BN]
+    if DOT_FP32:
+        acc += tl.dot(xt, at.to(tl.float32), input_precision="ieee")
+    else:
+        acc += tl.dot(xt, at)
+    return acc
+
+
+@triton.jit
+def _shrink_kernel(
+    x_ptr,  # [T, in], row stride stride_xt, unit column stride
+    a0_ptr,  # [S, R, in] contiguous, slice 0
+    a1_ptr,  # [S, R, in] slice 1 (aliases a0 when N_SLICES < 2)
+    a2_ptr,  # [S, R, in] slice 2 (aliases a0 when N_SLICES < 3)
+    out_ptr,  # [SPLIT_K, N_SLICES, T, R] float32, contiguous
+    ranks_ptr,  # [N_SLICES, S] int32 (unused unless HAS_RANKS)
+    sorted_tokens_ptr,  # [T] int32
+    tile_slots_ptr,  # [G] int32, slot, -1 base tile, -2 empty
+    tile_starts_ptr,  # [G] int32
+    tile_ends_ptr,  # [G] int32
+    num_tokens,  # T
+    in_features,  # in
+    max_rank,  # R
+    num_slots,  # S
+    stride_xt,
+    k_per_split,  # in-features per K split, a multiple of BLOCK_K
+    N_SLICES: tl.constexpr,
+    HAS_RANKS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_FP32: tl.constexpr,  # fp32 x (exact "ieee" dot), or bf16 in the interpreter, which cannot dot bf16
+):
+    tile = tl.program_id(0)
+    pid_n = tl.program_id(1)  # rank tile
+    split = tl.program_id(2)
+    slot = tl.load(tile_slots_ptr + tile)
+    if slot == -2:  # past the last tile of this mapping
+        return
+    slot_c = tl.maximum(slot, 0).to(tl.int64)
+
+    start = tl.load(tile_starts_ptr + tile)
+    end = tl.load(tile_ends_ptr + tile)
+    offs_m = start + tl.arange(0, BLOCK_M)  # [BM] positions in sorted_tokens
+    m_mask = offs_m < end
+    rows = tl.load(sorted_tokens_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)  # [BM] token ids
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] rank columns
+
+    # each slice's rank for this slot (rows of A past it are zero padding: never read)
+    rank0 = max_rank
+    rank1 = max_rank
+    rank2 = max_rank
+    if HAS_RANKS:
+        rank0 = tl.minimum(tl.load(ranks_ptr + slot_c), max_rank)
+        if N_SLICES > 1:
+            rank1 = tl.minimum(tl.load(ranks_ptr + num_slots + slot_c), max_rank)
+        if N_SLICES > 2:
+            rank2 = tl.minimum(tl.load(ranks_ptr + 2 * num_slots + slot_c), max_rank)
+    top = rank0
+    if N_SLICES > 1:
+        top = tl.maximum(top, rank1)
+    if N_SLICES > 2:
+        top = tl.maximum(top, rank2)
+    k_lo = split * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, in_features)
+    # base tiles and rank tiles past every slice's rank: no K loop, the stores write zeros
+    k_hi = tl.where((slot >= 0) & (pid_n * BLOCK_N < top), k_hi, k_lo)
+
+    acc0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # [BM, BN] per slice
+    acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k + tl.arange(0, BLOCK_K)  # [BK]
+        k_mask = offs_k < k_hi
+        xt = tl.load(
+            x_ptr + rows[:, None] * stride_xt + offs_k[None, :],
+            mask=m_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )  # [BM, BK], loaded once for all slices
+        if DOT_FP32:
+            xt = xt.to(tl.float32)
+        acc0 = _slice_dot(acc0, xt, a0_ptr, slot_c, rank0, offs_n, offs_k, k_mask, max_rank, in_features, DOT_FP32)
+        if N_SLICES > 1:
+            acc1 = _slice_dot(acc1, xt, a1_ptr, slot_c, rank1, offs_n, offs_k, k_mask, max_rank, in_features, DOT_FP32)
+        if N_SLICES > 2:
+            acc2 = _slice_dot(acc2, xt, a2_ptr, slot_c, rank2, offs_n, offs_k, k_mask, max_rank, in_features, DOT_FP32)
+
+    slice_stride = num_tokens * max_rank
+    out_ptrs = out_ptr + split.to(tl.int64) * N_SLICES * slice_stride + rows[:, None] * max_rank + offs_n[None, :]
+    mask = m_mask[:, None] & (offs_n < max_rank)[None, :]
+    tl.store(out_ptrs, acc0, mask=mask)
+    if N_SLICES > 1:
+        tl.store(out_ptrs + slice_stride, acc1, mask=mask)
+    if N_SLICES > 2:
+        tl.store(out_ptrs + 2 * slice_stride, acc2, mask=mask)
+
+
+def _blocks(block_m: int, max_rank: int, n_slices: int, elt: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps). Chosen by reasoning, not yet measured on a GPU
+    (bench/lora_kernels.py reports the numbers to tune them by)."""
+    if block_m <= 16:
+        # Decode: x is a few rows, A is the whole transfer. Rank tiles of 16 (the
+        # smallest N of a tensor-core dot) let a rank-8 adapter beside a rank-64 one
+        # skip the tiles past its rank; re-reading x per rank tile costs next to nothing.
+        block_n = 16
+        k_cap = 256
+    else:
+        # Prefill: x is the whole transfer. One rank tile up to R = 64 reads x once;
+        # n_slices accumulators of 64 × BN fp32 stay within 8 warps' registers.
+        block_n = min(triton.next_power_of_2(max(max_rank, 16)), 128 if n_slices == 1 else 64)
+        k_cap = 64
+    block_k = triton.next_power_of_2(A_STAGE_BYTES // (block_n * n_slices * elt) + 1) // 2  # floor to a power of 2
+    block_k = max(32, min(k_cap, block_k))
+    num_warps = 8 if block_m * block_n * n_slices >= 8192 else 4
+    return block_n, block_k, num_warps
+
+
+def _split_k(programs: int, in_features: int, block_k: int, device: torch.device) -> int:
+    """K splits so that a small decode batch still spreads A's bytes over the whole GPU:
+    double until there are 2 programs per SM, keeping >= 4 K iterations per split."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    split = 1
+    while split < 8 and programs * split < 2 * sms and in_features >= 8 * block_k * split:
+        split *= 2
+    return split
+
+
+def shrink(
+    x: torch.Tensor,  # [T, in]
+    a_stacks: Sequence[torch.Tensor],  # n_slices × [S, R, in]
+    mapping: LoraMapping,
+    ranks: torch.Tensor | None = None,  # [n_slices, S] int32; rows past a slot's rank are zero and skipped
+    *,
+    out: torch.Tensor | None = None,  # [n_slices, T, R] float32, written (allocated if None)
+    split_k: int | None = None,  # K splits (None: chosen from the shapes); reduced deterministically
+) -> torch.Tensor:  # [n_slices, T, R] float32
+    """Triton `shrink_ref`: same Semantics, every element of the output written."""
+    n_slices = len(a_stacks)
+    if n_slices == 0:
+        raise ValueError("shrink needs at least one slice")
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError(f"x must be [T, in] with unit column stride, got {tuple(x.shape)} strides {x.stride()}")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"x dtype {x.dtype} not supported (fp32, bf16, fp16)")
+    num_tokens, in_features = x.shape
+    num_slots, max_rank, in_a = a_stacks[0].shape
+    for a in a_stacks:
+        if a.shape != (num_slots, max_rank, in_a) or a.dtype != x.dtype or a.device != x.device:
+            raise ValueError(f"A stacks must all be [S, R, in] of x's dtype and device, got {tuple(a.shape)} {a.dtype}")
+        if not a.is_contiguous():
+            raise ValueError("A stacks must be contiguous")
+    if in_a != in_features:
+        raise ValueError(f"A stacks take {in_a} input features, x has {in_features}")
+    if mapping.num_slots != num_slots or mapping.num_tokens != num_tokens:
+        raise ValueError(f"mapping is for {mapping.num_tokens} tokens / {mapping.num_slots} slots")
+    if ranks is not None:
+        if ranks.shape != (n_slices, num_slots) or ranks.dtype != torch.int32 or not ranks.is_contiguous():
+            raise ValueError(f"ranks must be contiguous int32 [{n_slices}, {num_slots}]")
+    if out is None:
+        out = torch.empty(n_slices, num_tokens, max_rank, dtype=torch.float32, device=x.device)
+    elif out.shape != (n_slices, num_tokens, max_rank) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be contiguous float32 [{n_slices}, {num_tokens}, {max_rank}]")
+    if not mapping.any_adapter or num_tokens == 0:
+        return out.zero_()
+
+    block_m, tile_slots, tile_starts, tile_ends = mapping.tiles()
+    num_tiles = tile_slots.shape[0]  # G, a host bound (never read from the device)
+    for i0 in range(0, n_slices, MAX_SLICES_PER_LAUNCH):
+        chunk = list(a_stacks[i0 : i0 + MAX_SLICES_PER_LAUNCH])
+        nc = len(chunk)
+        block_n, block_k, num_warps = _blocks(block_m, max_rank, nc, x.element_size())
+        n_rank_tiles = triton.cdiv(max_rank, block_n)
+        sk = split_k or _split_k(num_tiles * n_rank_tiles, in_features, block_k, x.device)
+        k_per_split = triton.cdiv(triton.cdiv(in_features, sk), block_k) * block_k
+        dst = out[i0 : i0 + nc]  # [nc, T, R]
+        if sk > 1:  # partial sums, reduced below in a fixed order (no float atomics)
+            dst = torch.empty(sk, nc, num_tokens, max_rank, dtype=torch.float32, device=x.device)
+        chunk += [chunk[0]] * (MAX_SLICES_PER_LAUNCH - nc)
+        grid = (num_tiles, n_rank_tiles, sk)
+        _shrink_kernel[grid](
+            x, *chunk, dst,
+            ranks[i0 : i0 + nc] if ranks is not None else out,
+            mapping.sorted_tokens, tile_slots, tile_starts, tile_ends,
+            num_tokens, in_features, max_rank, num_slots,
+            x.stride(0), k_per_split,
+            N_SLICES=nc,
+            HAS_RANKS=ranks is not None,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            # 16-bit inputs take the native tensor-core dot (exact products, fp32 sums);
+            # Triton's CPU interpreter multiplies bf16 bit patterns (triton-lang/triton#11584)
+            DOT_FP32=x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and x.device.type != "cuda"),
+            num_warps=num_warps,
+        )  # fmt: skip
+        if sk > 1:
+            torch.sum(dst, dim=0, out=out[i0 : i0 + nc])
+    return out
+
+
+def shrink_ref(
+    x: torch.Tensor,  # [T, in]
+    a_stacks: Sequence[torch.Tensor],  # n_slices × [S, R, in]
+    mapping: LoraMapping,
+    ranks: torch.Tensor | None = None,  # [n_slices, S] int32; rows past a slot's rank are zero, so unused here
+    *,
+    out: torch.Tensor | None = None,  # [n_slices, T, R] float32, written (allocated if None)
+) -> torch.Tensor:  # [n_slices, T, R] float32
+    """Semantics:
+
+        for i, A in enumerate(a_stacks):
+            for tok in range(T):
+                s = mapping.token_slots[tok]
+                t[i, tok] = x[tok].float() @ A[s].float().T if s >= 0 else 0
+
+    Accumulates in fp32 and returns fp32 (never fp16).
+    """
+    num_tokens = x.shape[0]
+    max_rank = a_stacks[0].shape[1]
+    if out is None:
+        out = torch.zeros(len(a_stacks), num_tokens, max_rank, dtype=torch.float32, device=x.device)
+    else:
+        out.zero_()
+    if not mapping.any_adapter or num_tokens == 0:
+        return out
+    slots = mapping.token_slots.long()  # [T]
+    rows = (slots >= 0).nonzero().squeeze(1)  # [T_a]
+    xs = x[rows].float()  # [T_a, in]
+    for i, a in enumerate(a_stacks):
+        a_tok = a[slots[rows]].float()  # [T_a, R, in]
+        out[i, rows] = torch.bmm(a_tok, xs.unsqueeze(2)).squeeze(2)  # [T_a, R]
+    return out

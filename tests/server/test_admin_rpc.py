@@ -4,6 +4,8 @@ the adapter root, and the admin token."""
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import pytest
 
@@ -170,3 +172,27 @@ def test_admin_disabled_without_a_configured_token():
     assert AdminAuthInterceptor({"s"}, None, insecure=True).check([]) is None
     assert AdminAuthInterceptor({"s"}, "t").check([("authorization", "bearer t")]) is None
     assert AdminAuthInterceptor({"s"}, "t").check([("authorization", "Basic dDp0")])[0] == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_interrupted_upload_leaves_nothing(running, admin, make_lora):
+    src = make_lora(rank=8, seed=17)
+
+    class Interrupted(Exception):
+        pass
+
+    def messages():
+        yield admin_pb2.UploadAdapterRequest(header=admin_pb2.UploadHeader(adapter_id="interrupted"))
+        yield admin_pb2.UploadAdapterRequest(chunk=admin_pb2.FileChunk(
+            filename="adapter_model.safetensors", data=(src / "adapter_model.safetensors").read_bytes()[:5000]))  # fmt: skip
+        raise Interrupted  # the client dies mid-upload: gRPC cancels the call
+
+    with grpc.insecure_channel(running.target) as channel:
+        stub = admin_pb2_grpc.AdapterAdminStub(channel)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.UploadAdapter(messages(), metadata=(("authorization", "Bearer test-admin-token"),), timeout=10)
+    assert e.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN)
+    deadline = time.monotonic() + 5  # the server notices the cancellation on its own thread
+    while any(p.name.startswith(".upload-") for p in running.adapter_root.iterdir()):
+        assert time.monotonic() < deadline, "temp upload directory left behind"
+        time.sleep(0.01)
+    assert "interrupted" not in running.engine.adapters and not (running.adapter_root / "interrupted").exists()

@@ -1,0 +1,244 @@
+"""The loraplex server: one engine behind gRPC (Generation, AdapterAdmin, grpc.health.v1,
+server reflection) and a Prometheus HTTP endpoint.
+
+    server = LoraplexServer(ServeConfig(engine=EngineConfig(...), port=0, metrics_port=0))
+    server.start()      # loads the model, serves; health NOT_SERVING
+    server.warm_up()    # one tiny generation; health SERVING
+    ...
+    server.stop(grace_s)  # health NOT_SERVING, refuse new requests (UNAVAILABLE), let
+                          # running ones finish within grace_s, cancel the rest, close
+
+Signals are the CLI's business (cli.py), not this module's. No argparse here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import shutil
+import threading
+from concurrent import futures
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from loraplex.server.admin_servicer import AdapterAdminServicer
+from loraplex.server.auth import AdminAuthInterceptor
+from loraplex.server.metrics import ServerMetrics, StatusInterceptor
+from loraplex.server.servicer import GenerationServicer
+from loraplex.v1 import admin_pb2, admin_pb2_grpc, generate_pb2, generate_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+GENERATION_SERVICE = generate_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
+ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdapterAdmin"].full_name
+_LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
+_EXTRA_WORKERS = 16  # admin, health, reflection, and RPCs refused before the queue
+
+
+def bundled_assets() -> Path:
+    return Path(str(resources.files("loraplex") / "assets"))
+
+
+def bundled_model_dir() -> Path:
+    return bundled_assets() / "tiny-llama"
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    engine: "EngineConfig"  # noqa: F821 — loraplex.server.engine.engine.EngineConfig
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 = any free port (see LoraplexServer.port)
+    metrics_port: int | None = 9090  # None = no metrics endpoint; 0 = any free port
+    admin_token: str | None = None  # None = admin API refused, unless insecure_admin
+    insecure_admin: bool = False  # admin API without a token; loopback hosts only
+    max_upload_bytes: int | None = None  # None = the store's default cap
+    grpc_workers: int = field(default=0)  # 0 = max_running + max_queue + 16
+    shutdown_grace_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name in ("port", "metrics_port"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 65535:
+                raise ValueError(f"{name} must be in [0, 65535], got {value}")
+        if self.admin_token is not None and not self.admin_token.strip():
+            raise ValueError("admin_token must not be empty (leave it unset to disable the admin API)")
+        if self.insecure_admin and self.admin_token is not None:
+            raise ValueError("insecure_admin and admin_token exclude each other")
+        if self.insecure_admin and not is_loopback(self.host):
+            raise ValueError(f"insecure_admin is only allowed on a loopback host, not {self.host!r}")
+        if self.grpc_workers < 0:
+            raise ValueError(f"grpc_workers must be ≥ 0, got {self.grpc_workers}")
+        if self.max_upload_bytes is not None and self.max_upload_bytes <= 0:
+            raise ValueError(f"max_upload_bytes must be > 0, got {self.max_upload_bytes}")
+        if self.shutdown_grace_s < 0:
+            raise ValueError(f"shutdown_grace_s must be ≥ 0, got {self.shutdown_grace_s}")
+
+    @property
+    def workers(self) -> int:
+        if self.grpc_workers:
+            return self.grpc_workers
+        return self.engine.max_running + self.engine.max_queue + _EXTRA_WORKERS
+
+
+def seed_bundled_adapters(adapter_root: Path, bundled: Path | None = None) -> list[str]:
+    """Copies the bundled demo adapters into `adapter_root`, each once: a marker file
+    remembers what was copied, so an adapter the operator deleted does not come back."""
+    bundled = bundled if bundled is not None else bundled_assets() / "adapters"
+    adapter_root.mkdir(parents=True, exist_ok=True)
+    marker = adapter_root / ".loraplex-seeded"
+    seeded = set(marker.read_text().split()) if marker.exists() else set()
+    copied = []
+    if bundled.is_dir():
+        for src in sorted(p for p in bundled.iterdir() if p.is_dir()):
+            if src.name in seeded:
+                continue
+            if not (adapter_root / src.name).exists():
+                shutil.copytree(src, adapter_root / src.name)
+                copied.append(src.name)
+            seeded.add(src.name)
+        marker.write_text("".join(f"{name}\n" for name in sorted(seeded)))
+    return copied
+
+
+class LoraplexServer:
+    def __init__(self, config: ServeConfig, engine=None):
+        self.config = config
+        self._engine = engine  # None: built from config.engine in start()
+        self.metrics: ServerMetrics | None = None
+        self._grpc: grpc.Server | None = None
+        self._health: health.HealthServicer | None = None
+        self._http = None
+        self._port: int | None = None
+        self._stopped = threading.Event()
+        self._stop_lock = threading.Lock()
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def start(self) -> "LoraplexServer":
+        """Loads the model (unless an engine was given) and starts serving; not warm yet."""
+        from loraplex.adapters.store import AdapterStore
+
+        if self._engine is None:
+            from loraplex.server.engine.engine import Engine
+
+            self._engine = Engine.from_config(self.config.engine)
+        engine = self._engine
+        engine.start()
+        store_kwargs = {} if self.config.max_upload_bytes is None else {"max_upload_bytes": self.config.max_upload_bytes}
+        store = AdapterStore(Path(engine.config.adapter_root), **store_kwargs)
+        for leftover in store.remove_leftovers():
+            log.info("removed %s left in the adapter root by an interrupted upload", leftover)
+        self.metrics = ServerMetrics(engine)
+
+        self._grpc = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=self.config.workers, thread_name_prefix="grpc"),
+            interceptors=[
+                StatusInterceptor({GENERATION_SERVICE, ADMIN_SERVICE}, self.metrics.count_request),
+                AdminAuthInterceptor({ADMIN_SERVICE}, self.config.admin_token, self.config.insecure_admin),
+            ],
+            maximum_concurrent_rpcs=self.config.workers,
+        )
+        generate_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(engine, self.metrics), self._grpc)
+        admin_pb2_grpc.add_AdapterAdminServicer_to_server(AdapterAdminServicer(engine, store, self.metrics), self._grpc)
+        self._health = health.HealthServicer(
+            experimental_non_blocking=True,
+            experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"),
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        reflection.enable_server_reflection(
+            (GENERATION_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
+        )
+        address = _host_port(self.config.host, self.config.port)
+        self._port = self._grpc.add_insecure_port(address)
+        if self._port == 0:
+            raise RuntimeError(f"could not bind gRPC to {address}")
+        self._grpc.start()
+        if self.config.metrics_port is not None:
+            from prometheus_client import start_http_server
+
+            self._http, _ = start_http_server(self.config.metrics_port, addr=self.config.host, registry=self.metrics.registry)
+        log.info("listening on %s (metrics port: %s); health NOT_SERVING until warm-up", self.target, self.metrics_port)
+        return self
+
+    def warm_up(self) -> None:
+        """Runs the engine's warm-up generation, then reports SERVING."""
+        self._engine.warmup()
+        if not self._stopped.is_set():
+            self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    def drain(self) -> None:
+        """Health NOT_SERVING; new generation requests are refused with UNAVAILABLE."""
+        if self._engine is not None:  # first: once health says NOT_SERVING, requests are refused
+            self._engine.drain()
+        if self._health is not None:
+            self._health.enter_graceful_shutdown()
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """Drains, lets running requests finish within grace_s, cancels the rest, closes."""
+        with self._stop_lock:
+            if self._stopped.is_set():
+                return
+            grace = self.config.shutdown_grace_s if grace_s is None else grace_s
+            self.drain()
+            if self._engine is not None:
+                self._engine.shutdown(grace)
+            if self._grpc is not None:
+                # Requests are finished or cancelled by now; this lets their last messages out.
+                self._grpc.stop(min(grace, 5.0)).wait()
+            if self._http is not None:
+                self._http.shutdown()
+                self._http.server_close()
+            self._stopped.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Blocks until stop() has finished (True) or timeout passes (False)."""
+        return self._stopped.wait(timeout)
+
+    def __enter__(self) -> "LoraplexServer":
+        self.start()
+        self.warm_up()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- accessors --------------------------------------------------------------------------
+    @property
+    def engine(self):
+        return self._engine
+
+    @property
+    def port(self) -> int | None:
+        """The bound gRPC port (useful with port 0)."""
+        return self._port
+
+    @property
+    def target(self) -> str:
+        return _host_port(self.config.host, self._port)
+
+    @property
+    def metrics_port(self) -> int | None:
+        return None if self._http is None else self._http.server_port
+
+    def _set_health(self, status) -> None:
+        for service in ("", GENERATION_SERVICE, ADMIN_SERVICE):
+            self._health.set(service, status)

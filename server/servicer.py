@@ -1,0 +1,94 @@
+"""loraplex.v1.Generation: protobuf in, engine.submit, protobuf out.
+
+Each RPC converts its request (convert.py: bad arguments fail here, before the queue),
+submits it, and relays the handle's events. The RPC's end — completion, client
+cancellation, deadline — cancels the handle, so the engine frees the request's KV
+blocks; the client's deadline also travels with the request to the engine. Failures
+map to status codes in status.py. The servicer observes the latency metrics because
+only it sees both the arrival and the tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import grpc
+
+from loraplex.server import convert
+from loraplex.server.engine.request import FinishEvent, RequestHandle, TokenEvent
+from loraplex.server.metrics import ServerMetrics
+from loraplex.server.status import abort_for, status_for_finish
+from loraplex.v1 import generate_pb2_grpc
+
+
+def client_deadline(context: grpc.ServicerContext) -> float | None:
+    """The client's gRPC deadline as a time.monotonic() value, or None."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+class GenerationServicer(generate_pb2_grpc.GenerationServicer):
+    def __init__(self, engine, metrics: ServerMetrics, is_ready: Callable[[], bool] | None = None):
+        self._engine = engine
+        self._metrics = metrics
+        self._is_ready = is_ready or (lambda: bool(engine.ready))
+
+    def Generate(self, request, context):
+        handle = self._submit(request, context)
+        try:
+            finish = None
+            for event in self._observed(handle):
+                if isinstance(event, FinishEvent):
+                    finish = event
+        finally:
+            if handle.finished is None:
+                handle.cancel()
+        refusal = status_for_finish(finish)
+        if refusal is not None:
+            context.abort(*refusal)
+        return convert.generate_response_to_pb(finish, handle.request.request_id)
+
+    def GenerateStream(self, request, context):
+        handle = self._submit(request, context)
+        request_id = handle.request.request_id
+        try:
+            for event in self._observed(handle):
+                if isinstance(event, TokenEvent):
+                    yield convert.stream_tokens_to_pb(event, request_id)
+                elif (refusal := status_for_finish(event)) is not None:
+                    context.abort(*refusal)
+                else:
+                    yield convert.stream_finish_to_pb(event, request_id)
+        finally:  # also when gRPC closes the generator after a cancellation
+            if handle.finished is None:
+                handle.cancel()
+
+    # ------------------------------------------------------------------------------------
+    def _submit(self, request, context) -> RequestHandle:
+        if not self._is_ready():
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the server is not ready: starting, warming up or shutting down")
+        try:
+            gen_request = convert.generation_request_from_pb(request, self._engine.tokenizer, client_deadline(context))
+            adapter_id = gen_request.adapter_id
+            self._metrics.count_adapter_request(adapter_id, bool(adapter_id) and adapter_id in self._engine.adapters)
+            handle = self._engine.submit(gen_request)
+        except Exception as e:  # noqa: BLE001 — status.py decides; unknown errors re-raise
+            abort_for(context, e)
+        if not context.add_callback(handle.cancel):  # the RPC already ended
+            handle.cancel()
+        return handle
+
+    def _observed(self, handle: RequestHandle):
+        """The handle's events, observing TTFT, inter-token latency and token counts."""
+        last = None
+        for event in handle.events():
+            if isinstance(event, FinishEvent):
+                self._metrics.observe_finish(event.prompt_tokens, event.generated_tokens)
+            elif event.token_ids:  # not the text-only flush before the finish
+                if last is None:
+                    self._metrics.ttft.observe(max(event.time - handle.request.arrival, 0.0))
+                else:
+                    self._metrics.itl.observe(max(event.time - last, 0.0))
+                last = event.time
+            yield event

@@ -28,6 +28,9 @@ class EngineConfig:
     max_prompt_tokens: int | None = None  # None = the model's context length
     max_new_tokens: int = 4096  # cap on a request's max_new_tokens
     lora_backend: str = "auto"  # "auto" (Triton on CUDA), "torch" or "triton"
+    # NF4 base matmul: "bnb" (bitsandbytes), "auto" (our fused Triton kernel where its
+    # shape policy picks it) or "triton". "bnb" until an H100 run has measured the crossovers.
+    nf4_backend: str = "bnb"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_dir", Path(self.model_dir))
@@ -35,6 +38,8 @@ class EngineConfig:
             object.__setattr__(self, "adapter_root", Path(self.adapter_root))
         if self.quantize not in ("nf4", "none"):
             raise ValueError(f"quantize must be 'nf4' or 'none', not {self.quantize!r}")
+        if self.nf4_backend not in ("bnb", "auto", "triton"):
+            raise ValueError(f"nf4_backend must be bnb, auto or triton, not {self.nf4_backend!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
         for name in ("max_batch_tokens", "max_running", "max_queue", "kv_cache_tokens", "block_size", "adapter_slots", "max_rank", "max_new_tokens"):

@@ -39,6 +39,8 @@ from loraplex.server.engine.sampler import make_generator, sample
 from loraplex.server.engine.scheduler import Scheduler, SchedulerConfig
 from loraplex.server.engine.sequence import Sequence
 from loraplex.server.engine.tokenizer import Tokenizer
+from loraplex.server.model.config import ModelConfig
+from loraplex.server.model.llama import adapter_slot_bytes
 from loraplex.server.model.loader import LoadSpec, load_model
 from loraplex.server.model.quantize import QuantSpec
 
@@ -97,15 +99,13 @@ class Engine:
     @classmethod
     def from_config(cls, config: EngineConfig) -> "Engine":
         device, dtype = config.torch_device, config.torch_dtype
-        model_bytes_per_slot = None
-        spec = LoadSpec(quant=QuantSpec(mode=config.quantize), dtype=dtype, device=str(device), num_slots=1, max_rank=config.max_rank)
-        probe = load_model(config.model_dir, spec)
-        model_bytes_per_slot = probe.slot_bytes()
-        slots = min(config.adapter_slots, config.adapter_pool_bytes // max(1, model_bytes_per_slot))
+        model_config = ModelConfig.from_pretrained(config.model_dir)
+        per_slot = adapter_slot_bytes(model_config, config.max_rank, dtype)
+        slots = min(config.adapter_slots, config.adapter_pool_bytes // per_slot)
         if slots < 1:
-            raise ValueError(f"adapter_pool_bytes {config.adapter_pool_bytes} is below one slot ({model_bytes_per_slot} bytes at rank {config.max_rank})")
-        del probe
-        model = load_model(config.model_dir, LoadSpec(quant=spec.quant, dtype=dtype, device=str(device), num_slots=slots, max_rank=config.max_rank))
+            raise ValueError(f"adapter_pool_bytes {config.adapter_pool_bytes} is below one slot ({per_slot} bytes at rank {config.max_rank})")
+        spec = LoadSpec(QuantSpec(mode=config.quantize), dtype, str(device), slots, config.max_rank, config.nf4_backend)
+        model = load_model(config.model_dir, spec)
         engine = cls(config, model, Tokenizer(config.model_dir))
         if config.adapter_root is not None:
             engine.register_adapter_root(config.adapter_root)

@@ -25,6 +25,18 @@ from loraplex.server.model.config import ModelConfig
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 
 
+def adapter_slot_bytes(config: ModelConfig, max_rank: int, dtype: torch.dtype) -> int:
+    """Device bytes of one adapter slot over all layers: A [R, in] and B [out, R] stacks
+    plus DoRA's g [out] for every target module (AdapterLinear's allocation)."""
+    size = torch.finfo(dtype).bits // 8
+    per_layer = 0
+    for names in GROUPS:
+        for name in names:
+            out, inp = config.module_shape(name)
+            per_layer += (max_rank * (inp + out) + out) * size
+    return per_layer * config.num_layers
+
+
 class RMSNorm(nn.Module):
     def __init__(self, weight: torch.Tensor, eps: float):
         super().__init__()

@@ -27,6 +27,7 @@ class LoadSpec:
     device: str = "cpu"
     num_slots: int = 8  # adapter slots in the pool
     max_rank: int = 64
+    nf4_backend: str = "bnb"  # "bnb", "auto" (Triton where it wins) or "triton" (see NF4Linear)
 
 
 class _Weights:
@@ -73,10 +74,10 @@ def _linear(w: _Weights, prefix: str, spec: LoadSpec):
             from loraplex.server.model.quantize import dequantize_nf4
 
             return DenseLinear(dequantize_nf4(params), spec.dtype), bias
-        return NF4Linear(params, params.quant_state.shape[0], spec.dtype), bias
+        return NF4Linear(params, params.quant_state.shape[0], spec.dtype, spec.nf4_backend), bias
     weight = w.get(key).to(spec.device)
     if spec.quant.mode == "nf4":
-        return NF4Linear.quantize(weight, spec.dtype, spec.quant), bias
+        return NF4Linear.quantize(weight, spec.dtype, spec.quant, spec.nf4_backend), bias
     return DenseLinear(weight, spec.dtype), bias
 
 

@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 from loraplex.server.model.loader import LoadSpec, load_model
 from loraplex.server.model.llama import score_sequence
 from loraplex.server.model.quantize import QuantSpec, quantize_hf_decoder_
+from peft_adapters import TINY as TINY_MODEL
 
 
 def _tiny_hf(kind: str, path):
@@ -74,3 +75,20 @@ def test_pickle_weights_are_refused(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"not opened")
     with pytest.raises(FileNotFoundError, match="pickle weights are refused"):
         load_model(tmp_path, LoadSpec())
+
+
+def test_slot_bytes_formula_matches_the_allocation():
+    from loraplex.server.model.llama import adapter_slot_bytes
+
+    model = load_model(TINY_MODEL, LoadSpec(num_slots=3, max_rank=16))
+    assert adapter_slot_bytes(model.config, 16, torch.float32) == model.slot_bytes()
+
+
+def test_triton_nf4_backend_matches_bitsandbytes():
+    """The fused NF4 kernel (Triton's interpreter on CPU) serves the whole tiny model."""
+    ids = list(range(1, 12))
+    bnb_model = load_model(TINY_MODEL, LoadSpec(num_slots=1))
+    triton_model = load_model(TINY_MODEL, LoadSpec(num_slots=1, nf4_backend="triton"))
+    assert all(b.packed is not None and b.weight is None for _, g in triton_model.adapter_groups() for b in g.bases)
+    torch.testing.assert_close(triton_model.dense_weight(1, "down_proj"), bnb_model.dense_weight(1, "down_proj"), atol=0, rtol=0)
+    torch.testing.assert_close(score_sequence(triton_model, ids), score_sequence(bnb_model, ids), atol=1e-4, rtol=1e-4)

@@ -90,13 +90,15 @@ class AdapterCatalog:
         weights = self.convert(path)
         return self._info("", weights, Path(path), resident=False)
 
-    def add(self, adapter_id: str, path: Path | str, replace: bool = False) -> AdapterInfo:
-        """Registers (or, with replace, atomically swaps in) an adapter after validating it."""
+    def add(self, adapter_id: str, path: Path | str, replace: bool = False, weights: AdapterWeights | None = None) -> AdapterInfo:
+        """Registers (or, with replace, atomically swaps in) an adapter after validating it.
+        `weights`: the directory's contents already converted (an upload validated them)."""
         path = Path(path)
         with self._lock:
             if adapter_id in self._entries and not replace:
                 raise AdapterExists(f"adapter {adapter_id!r} already exists")
-        weights = self.convert(path)  # outside the lock: may take a while
+        if weights is None:
+            weights = self.convert(path)  # outside the lock: may take a while
         with self._lock:
             if adapter_id in self._entries and not replace:
                 raise AdapterExists(f"adapter {adapter_id!r} already exists")

@@ -138,6 +138,11 @@ class AdapterCatalog:
         return self._entry(adapter_id).key
 
     # -- engine side ---------------------------------------------------------------------
+    def current_key(self, key: AdapterKey) -> AdapterKey:
+        """The registered version of `key`'s adapter id (a replace makes a new one);
+        UnknownAdapter if the id was removed."""
+        return self._entry(key[0]).key
+
     def weights_ready(self, key: AdapterKey) -> bool:
         """True if `key`'s weights are in the host cache; otherwise starts loading them in
         the background (the engine asks again next step)."""

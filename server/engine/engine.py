@@ -23,6 +23,7 @@ from loraplex.server.engine.catalog import AdapterCatalog
 from loraplex.server.engine.config import EngineConfig
 from loraplex.server.engine.errors import EngineDraining, InvalidRequest, QueueFull, UnknownAdapter
 from loraplex.server.engine.request import (
+    FINISH_ADAPTER_GONE,
     FINISH_CANCELLED,
     FINISH_DEADLINE,
     FINISH_ERROR,
@@ -244,6 +245,9 @@ class Engine:
         """One scheduling step: expire, schedule, forward, sample, stream."""
         self._expire()
         plan = self.scheduler.schedule()
+        for seq in self.scheduler.adapter_gone:
+            self._finish(seq, FINISH_ADAPTER_GONE, f"adapter {seq.adapter_key[0]!r} was unloaded before the request started")
+        self.scheduler.adapter_gone.clear()
         self._count_admitted()
         if not plan:
             if self.scheduler.waiting:
@@ -284,7 +288,9 @@ class Engine:
             elif seq.adapter_key is not None and not seq.admitted:
                 error = self.adapters.load_error(seq.adapter_key)
                 if error is not None:
-                    self._finish(seq, FINISH_ERROR, f"adapter {seq.adapter_key[0]!r} failed to load: {error}")
+                    gone = seq.adapter_key[0] not in self.adapters
+                    reason = FINISH_ADAPTER_GONE if gone else FINISH_ERROR
+                    self._finish(seq, reason, f"adapter {seq.adapter_key[0]!r} failed to load: {error}")
 
     def _count_admitted(self) -> None:
         with self._lock:

@@ -14,6 +14,7 @@ FINISH_STOP = "stop"  # a stop token id, stop string or EOS
 FINISH_CANCELLED = "cancelled"
 FINISH_DEADLINE = "deadline"
 FINISH_ERROR = "error"
+FINISH_ADAPTER_GONE = "adapter_removed"  # its adapter was unloaded before the request started
 
 _ids = itertools.count(1)
 
@@ -69,7 +70,7 @@ class FinishEvent:
     token_ids: tuple[int, ...]  # all generated tokens (stop string excluded from text, not from ids)
     text: str
     prompt_tokens: int
-    error: str | None = None  # set when finish_reason == FINISH_ERROR
+    error: str | None = None  # set when finish_reason is FINISH_ERROR or FINISH_ADAPTER_GONE
     time: float = field(default_factory=time.monotonic)
 
     @property

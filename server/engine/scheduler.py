@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from loraplex.adapters.pool import AdapterPool
 from loraplex.server.engine.block_manager import BlockManager
+from loraplex.server.engine.errors import UnknownAdapter
 from loraplex.server.engine.sequence import Sequence
 
 
@@ -46,6 +47,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self._order = 0
         self.preemptions = 0
+        self.adapter_gone: list[Sequence] = []  # waiting sequences whose adapter was removed: the engine ends them
 
     def schedule(self) -> list[Scheduled]:
         budget = self.config.max_batch_tokens
@@ -73,7 +75,12 @@ class Scheduler:
         skipped: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_running:
             seq = self.waiting.popleft()
-            if not self._bind_adapter(seq):
+            try:
+                bound = self._bind_adapter(seq)
+            except UnknownAdapter:
+                self.adapter_gone.append(seq)
+                continue
+            if not bound:
                 skipped.append(seq)  # its adapter is loading or every slot is pinned: others may go
                 continue
             n = min(seq.pending, budget)
@@ -89,13 +96,22 @@ class Scheduler:
         self.waiting.extendleft(reversed(skipped))
 
     def _bind_adapter(self, seq: Sequence) -> bool:
+        """Pins the sequence's adapter in a slot. False: not yet (loading, or every slot
+        pinned). UnknownAdapter: the adapter was removed while the sequence waited."""
         if seq.admitted or seq.adapter_key is None:
             seq.admitted = True
             return True
+        if self.pool.slot_of(seq.adapter_key) is None:
+            seq.adapter_key = self.catalog.current_key(seq.adapter_key)  # replaced meanwhile: the new version
+            if not self.catalog.weights_ready(seq.adapter_key):
+                return False
         key = seq.adapter_key
-        if self.pool.slot_of(key) is None and not self.catalog.weights_ready(key):
+        try:
+            slot = self.pool.acquire(key, lambda: self.catalog.weights(key))
+        except UnknownAdapter:
+            raise
+        except KeyError:  # evicted from the host cache since weights_ready: load it again
             return False
-        slot = self.pool.acquire(key, lambda: self.catalog.weights(key))
         if slot is None:
             return False
         seq.slot, seq.admitted = slot, True

@@ -99,3 +99,25 @@ def test_host_cache_eviction_reloads_in_the_background(make_engine, adapter_dirs
         engine.pool.remove(key)
     again = {n: engine.generate(_req(engine, n), timeout=60).token_ids for n in ("vera2", "lora0", "dora1")}
     assert again == first
+
+
+def test_removed_or_replaced_while_waiting_ends_only_that_request(make_engine, adapter_dirs):
+    """A queued request whose adapter is unloaded ends with "adapter_removed" (NOT_FOUND at
+    the API); one whose adapter is replaced runs on the new version; nothing else fails."""
+    engine = make_engine(max_running=1)
+    engine.adapters.add("gone", adapter_dirs["lora0"])
+    engine.adapters.add("swapped", adapter_dirs["dora1"])
+    engine.adapters.add("reference", adapter_dirs["vera2"])
+    expected_new = engine.generate(_req(engine, "reference"), timeout=60).token_ids
+    blocker = engine.submit(_req(engine, None, n=40))  # holds the only running place
+    next(blocker.events(timeout=30))
+    waiting_gone = engine.submit(_req(engine, "gone"))
+    waiting_swapped = engine.submit(_req(engine, "swapped"))
+    engine.adapters.remove("gone")
+    engine.adapters.add("swapped", adapter_dirs["vera2"], replace=True)
+    assert blocker.result(timeout=60).finish_reason == "length"
+    gone = waiting_gone.result(timeout=60)
+    assert gone.finish_reason == "adapter_removed" and "gone" in gone.error
+    swapped = waiting_swapped.result(timeout=60)
+    assert swapped.finish_reason == "length" and swapped.token_ids == expected_new
+    assert engine.stats().adapter_pins == 0 and engine.blocks.num_used == 0

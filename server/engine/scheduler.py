@@ -73,27 +73,30 @@ class Scheduler:
 
     def _admit(self, plan: list[Scheduled], budget: int) -> None:
         skipped: list[Sequence] = []
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_running:
-            seq = self.waiting.popleft()
-            try:
-                bound = self._bind_adapter(seq)
-            except UnknownAdapter:
-                self.adapter_gone.append(seq)
-                continue
-            if not bound:
-                skipped.append(seq)  # its adapter is loading or every slot is pinned: others may go
-                continue
-            n = min(seq.pending, budget)
-            if not self.blocks.can_grow(seq.seq_id, seq.num_computed + n):
-                skipped.append(seq)
-                break  # first come, first served for KV blocks
-            self.blocks.grow(seq.seq_id, seq.num_computed + n)
-            self._order += 1
-            seq.order = self._order
-            self.running.append(seq)
-            plan.append(Scheduled(seq, n))
-            budget -= n
-        self.waiting.extendleft(reversed(skipped))
+        try:
+            while self.waiting and budget > 0 and len(self.running) < self.config.max_running:
+                seq = self.waiting.popleft()
+                skipped.append(seq)  # until admitted: back in line whatever happens below
+                try:
+                    bound = self._bind_adapter(seq)
+                except UnknownAdapter:
+                    skipped.pop()
+                    self.adapter_gone.append(seq)
+                    continue
+                if not bound:
+                    continue  # its adapter is loading or every slot is pinned: others may go
+                n = min(seq.pending, budget)
+                if not self.blocks.can_grow(seq.seq_id, seq.num_computed + n):
+                    break  # first come, first served for KV blocks
+                skipped.pop()
+                self.blocks.grow(seq.seq_id, seq.num_computed + n)
+                self._order += 1
+                seq.order = self._order
+                self.running.append(seq)
+                plan.append(Scheduled(seq, n))
+                budget -= n
+        finally:
+            self.waiting.extendleft(reversed(skipped))
 
     def _bind_adapter(self, seq: Sequence) -> bool:
         """Pins the sequence's adapter in a slot. False: not yet (loading, or every slot

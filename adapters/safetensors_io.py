@@ -6,6 +6,11 @@ is ever unpickled, and the file is refused (AdapterError naming the problem) unl
 
 - N is at most `max_header_bytes` and 8 + N is within the file; the whole file is at
   most `max_bytes` when given; the path is a regular file;
+- the header holds at most one JSON object or array per MIN_BYTES_PER_CONTAINER bytes
+  and one string per MIN_BYTES_PER_STRING bytes, checked before parsing: `[[],[],...]`
+  or a `__metadata__` of a million short keys would become Python objects 20x the
+  header's size. A real header has three containers and five strings per tensor entry
+  of 50-150 bytes. Parsed, a header then takes at most ~15x its size;
 - the header is UTF-8 JSON, an object without duplicate keys or NaN/Infinity literals,
   whose entries are `{"dtype", "shape", "data_offsets"}` (and an optional string map
   `__metadata__`);
@@ -37,6 +42,8 @@ from .errors import AdapterError, AdapterTooLarge
 MAX_HEADER_BYTES = 16 * 2**20  # the reference implementation's own cap (100 MB) is far above any adapter's
 MAX_NDIM = 8
 MAX_DIM = 2**31 - 1  # per dimension; keeps shape products and torch.empty sane
+MIN_BYTES_PER_CONTAINER = 8  # JSON objects and arrays
+MIN_BYTES_PER_STRING = 10
 
 # safetensors dtype name -> (torch dtype, bytes per element). Only floats: adapters are float.
 FLOAT_DTYPES: dict[str, tuple[torch.dtype, int]] = {
@@ -77,6 +84,13 @@ def _is_int(v: object) -> bool:
 
 def parse_header(header: bytes, data_len: int) -> list[TensorEntry]:
     """Validates a header (the N JSON bytes) against a data section of `data_len` bytes."""
+    containers = header.count(b"[") + header.count(b"{")
+    strings = header.count(b'"') // 2
+    if containers > len(header) // MIN_BYTES_PER_CONTAINER + 4 or strings > len(header) // MIN_BYTES_PER_STRING + 16:
+        raise AdapterError(
+            f"safetensors header has {containers} JSON objects and arrays and {strings} strings in "
+            f"{len(header)} bytes; a real header has a few per tensor entry of 50-150 bytes"
+        )
     try:
         text = header.decode("utf-8")
         obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)

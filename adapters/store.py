@@ -8,7 +8,8 @@ which start with '.', never collide with an adapter. Uploads are written into a 
 directory inside root (only the two file names allowed, under a byte cap) and become
 visible only at `commit`: one atomic rename, or an atomic exchange when replacing
 (renameat2(RENAME_EXCHANGE) where the kernel has it, else two renames). `resolve_load_path`
-admits server-side paths only when their real path lies inside root.
+admits server-side paths only when their real path lies inside root and passes through
+no hidden ('.'-prefixed) entry: those are the store's own temp and trash directories.
 
 Thread-safe: commit and delete hold the store's lock. It validates ids and paths but
 not adapter contents: `commit` takes the validation (usually a loader call) as a function.
@@ -32,14 +33,16 @@ from .loader import ADAPTER_FILES
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 DEFAULT_MAX_UPLOAD_BYTES = 2 << 30
+MAX_PATH_CHARS = 4096  # PATH_MAX
 _UPLOAD_PREFIX = ".upload-"
 _TRASH_PREFIX = ".trash-"
 
 
 def validate_id(adapter_id: object) -> str:
     if not isinstance(adapter_id, str) or not ID_PATTERN.fullmatch(adapter_id) or ".." in adapter_id:
+        shown = adapter_id[:64] + "..." if isinstance(adapter_id, str) and len(adapter_id) > 64 else adapter_id
         raise AdapterError(
-            f"adapter id {adapter_id!r} is invalid: 1-128 characters of letters, digits, '.', '_', '-', "
+            f"adapter id {shown!r} is invalid: 1-128 characters of letters, digits, '.', '_', '-', "
             "starting with a letter or digit, without '..'"
         )
     return adapter_id
@@ -180,13 +183,20 @@ class AdapterStore:
         text = os.fspath(path)
         if isinstance(text, bytes) or "\x00" in text:
             raise AdapterError("adapter path must be text without NUL bytes")
+        if len(text) > MAX_PATH_CHARS:
+            raise AdapterError(f"adapter path is {len(text)} characters long, over {MAX_PATH_CHARS}")
         if not text or ".." in Path(text).parts:
             raise AdapterError(f"adapter path {text!r} is empty or contains '..'")
-        real = Path(os.path.realpath(self.root / text))
-        if real == self.root or self.root not in real.parents:
-            raise AdapterError(f"adapter path {text!r} is not inside the adapter root")
-        if not real.is_dir():
-            raise AdapterNotFound(f"adapter path {text!r} is not a directory")
+        try:
+            real = Path(os.path.realpath(self.root / text))
+            if real == self.root or self.root not in real.parents:
+                raise AdapterError(f"adapter path {text!r} is not inside the adapter root")
+            if any(part.startswith(".") for part in real.relative_to(self.root).parts):
+                raise AdapterError(f"adapter path {text!r} is a hidden directory (uploads in progress live there)")
+            if not real.is_dir():
+                raise AdapterNotFound(f"adapter path {text!r} is not a directory")
+        except OSError as e:  # ENAMETOOLONG, EACCES, ...: a path we cannot look at is not an adapter
+            raise AdapterNotFound(f"adapter path {text!r} cannot be read: {e.strerror}") from None
         return real
 
     def begin_upload(self, adapter_id: str, *, max_bytes: int | None = None) -> UploadWriter:

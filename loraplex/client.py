@@ -7,9 +7,14 @@
             print(chunk.text, end="", flush=True)
         client.upload_adapter("mine", "path/to/peft_adapter_dir")
 
+Access: `admin_token` goes with admin calls; `api_token` (or, without one, the admin
+token) with generation calls, for servers started with --api-token. TLS: `tls_ca` (the
+CA to trust; `tls=True` alone trusts the system's roots) and, for servers that require
+client certificates, `tls_cert` + `tls_key`.
+
 Errors are grpc.RpcError; `.code()` is the gRPC status (NOT_FOUND for an unknown
 adapter, RESOURCE_EXHAUSTED when the server's queue is full, ...). This module imports
-only grpc and the generated stubs — no torch.
+only grpc, the generated stubs and loraplex.server.tls (grpc only) — no torch.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Iterator, Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from loraplex.server.tls import channel_credentials
 from loraplex.v1 import admin_pb2, admin_pb2_grpc, generate_pb2, generate_pb2_grpc
 
 DEFAULT_CHUNK_SIZE = 1 << 20  # well under gRPC's default 4 MiB message limit
@@ -91,11 +97,28 @@ class GenerationStream:
 
 
 class LoraplexClient:
-    def __init__(self, target: str, admin_token: str | None = None, timeout: float | None = 60.0, options=()):
+    def __init__(
+        self,
+        target: str,
+        admin_token: str | None = None,
+        timeout: float | None = 60.0,
+        options=(),
+        *,
+        api_token: str | None = None,
+        tls: bool = False,
+        tls_ca: str | os.PathLike | None = None,
+        tls_cert: str | os.PathLike | None = None,
+        tls_key: str | os.PathLike | None = None,
+    ):
         self.target = target
         self.timeout = timeout
-        self._admin_metadata = (("authorization", f"Bearer {admin_token}"),) if admin_token else ()
-        self._channel = grpc.insecure_channel(target, options=list(options))
+        self._admin_metadata = _bearer(admin_token)
+        self._gen_metadata = _bearer(api_token or admin_token)
+        if tls or tls_ca is not None or tls_cert is not None or tls_key is not None:
+            credentials = channel_credentials(tls_ca, tls_cert, tls_key)
+            self._channel = grpc.secure_channel(target, credentials, options=list(options))
+        else:
+            self._channel = grpc.insecure_channel(target, options=list(options))
         self._gen = generate_pb2_grpc.GenerationStub(self._channel)
         self._admin = admin_pb2_grpc.AdapterAdminStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
@@ -104,7 +127,8 @@ class LoraplexClient:
     def generate(self, prompt: str | Sequence[int], adapter_id: str = "", *, timeout: float | None = ..., **params) -> GenerateResult:
         """`prompt`: text, or token ids. `params`: max_new_tokens, temperature, top_k, top_p,
         seed, stop, stop_token_ids, ignore_eos (see SamplingParameters in generate.proto)."""
-        response = self._gen.Generate(build_request(prompt, adapter_id, **params), timeout=self._timeout(timeout))
+        request = build_request(prompt, adapter_id, **params)
+        response = self._gen.Generate(request, timeout=self._timeout(timeout), metadata=self._gen_metadata)
         return GenerateResult(
             text=response.text,
             token_ids=tuple(response.token_ids),
@@ -115,7 +139,8 @@ class LoraplexClient:
         )
 
     def generate_stream(self, prompt: str | Sequence[int], adapter_id: str = "", *, timeout: float | None = ..., **params) -> GenerationStream:
-        call = self._gen.GenerateStream(build_request(prompt, adapter_id, **params), timeout=self._timeout(timeout))
+        request = build_request(prompt, adapter_id, **params)
+        call = self._gen.GenerateStream(request, timeout=self._timeout(timeout), metadata=self._gen_metadata)
         return GenerationStream(call)
 
     # -- adapters (admin) -------------------------------------------------------------------
@@ -201,6 +226,10 @@ class LoraplexClient:
 
     def _timeout(self, timeout):
         return self.timeout if timeout is ... else timeout
+
+
+def _bearer(token: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()
 
 
 def build_request(

@@ -3,10 +3,11 @@ root), registration goes to the engine's adapter catalog. Authentication happens
 any of this (auth.py); status codes come from status.py.
 
 Upload order: the header is checked first (id, and ALREADY_EXISTS before any chunk is
-read), chunks stream to a staging directory, the store validates and atomically moves
-it into place, then the catalog registers it (the adapter is converted twice: once
-to validate before it replaces anything on disk, once to register). Validation and conversion run in this
-RPC's thread, not in the engine's step loop, so other requests keep flowing.
+read), chunks stream to a staging directory (a cancelled or failed upload removes it),
+the store validates it (converting it: before it replaces anything on disk) and
+atomically moves it into place, then the catalog registers the converted weights.
+Validation and conversion run in this RPC's thread, not in the engine's step loop, so
+other requests keep flowing.
 """
 
 from __future__ import annotations
@@ -50,10 +51,13 @@ class AdapterAdminServicer(admin_pb2_grpc.AdapterAdminServicer):
                 if header.HasField("config_json") and message.chunk.filename == CONFIG_FILENAME:
                     raise InvalidRequest(f"{CONFIG_FILENAME} came in the header and again as a chunk")
                 writer.write(message.chunk.filename, message.chunk.data)
-            path = writer.commit(self._engine.adapters.validate, replace=header.replace)
+            if not context.is_active():  # the client cancelled after its last chunk: keep nothing
+                context.abort(grpc.StatusCode.CANCELLED, "the client cancelled the upload")
+            converted = []  # the validation's result, registered as it is
+            path = writer.commit(lambda d: converted.append(self._engine.adapters.convert(d)), replace=header.replace)
             writer = None
             try:
-                info = self._engine.adapters.add(header.adapter_id, path, replace=header.replace)
+                info = self._engine.adapters.add(header.adapter_id, path, replace=header.replace, weights=converted[0])
             except Exception:
                 if not header.replace:  # stored but not registered: do not leave it behind
                     self._store.delete(header.adapter_id)

@@ -8,6 +8,12 @@ server reflection) and a Prometheus HTTP endpoint.
     server.stop(grace_s)  # health NOT_SERVING, refuse new requests (UNAVAILABLE), let
                           # running ones finish within grace_s, cancel the rest, close
 
+Access: admin RPCs need the admin token (auth.py); with api_tokens set, generation
+needs one of them (or the admin token); health and reflection stay open. With tls_cert
+and tls_key the port speaks only TLS (tls.py); tls_client_ca also requires client
+certificates signed by that CA. A request message that does not parse is
+INVALID_ARGUMENT (status.py), one over max_receive_message_bytes RESOURCE_EXHAUSTED.
+
 Signals are the CLI's business (cli.py), not this module's. No argparse here.
 """
 
@@ -26,10 +32,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from loraplex.server import tls
 from loraplex.server.admin_servicer import AdapterAdminServicer
-from loraplex.server.auth import AdminAuthInterceptor
+from loraplex.server.auth import AdminAuthInterceptor, ClientAuthInterceptor
 from loraplex.server.metrics import ServerMetrics, StatusInterceptor
 from loraplex.server.servicer import GenerationServicer
+from loraplex.server.status import UndecodableRequestInterceptor
 from loraplex.v1 import admin_pb2, admin_pb2_grpc, generate_pb2, generate_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -38,6 +46,8 @@ GENERATION_SERVICE = generate_pb2.DESCRIPTOR.services_by_name["Generation"].full
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdapterAdmin"].full_name
 _LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
 _EXTRA_WORKERS = 16  # admin, health, reflection, and RPCs refused before the queue
+DEFAULT_MAX_MESSAGE_BYTES = 4 << 20  # gRPC's own default; uploads stream in chunks below it
+_TOKEN_CHARS = frozenset(chr(c) for c in range(0x21, 0x7F))  # printable ASCII, no space: fits metadata
 
 
 def bundled_assets() -> Path:
@@ -70,11 +80,20 @@ class ServeConfig:
     metrics_port: int | None = 9090  # None = no metrics endpoint; 0 = any free port
     admin_token: str | None = None  # None = admin API refused, unless insecure_admin
     insecure_admin: bool = False  # admin API without a token; loopback hosts only
+    api_tokens: tuple[str, ...] = ()  # () = generation open to all; else one of these (or admin_token)
+    tls_cert: Path | None = None  # PEM certificate chain; with tls_key: TLS only
+    tls_key: Path | None = None  # PEM private key
+    tls_client_ca: Path | None = None  # PEM CA; clients must present a certificate it signed
     max_upload_bytes: int | None = None  # None = the store's default cap
+    max_receive_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # larger messages: RESOURCE_EXHAUSTED
     grpc_workers: int = field(default=0)  # 0 = max_running + max_queue + 16
     shutdown_grace_s: float = 30.0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "api_tokens", tuple(self.api_tokens))
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
         for name in ("port", "metrics_port"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 65535:
@@ -91,6 +110,21 @@ class ServeConfig:
             raise ValueError(f"max_upload_bytes must be > 0, got {self.max_upload_bytes}")
         if self.shutdown_grace_s < 0:
             raise ValueError(f"shutdown_grace_s must be ≥ 0, got {self.shutdown_grace_s}")
+        for token in self.api_tokens:
+            if not isinstance(token, str) or not token or not set(token) <= _TOKEN_CHARS:
+                raise ValueError("API tokens must be non-empty printable ASCII without spaces")
+        if self.admin_token is not None and self.admin_token in self.api_tokens:
+            raise ValueError("an API token must not equal the admin token")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both tls_cert and tls_key")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (client certificates) needs tls_cert and tls_key")
+        if self.max_receive_message_bytes < 1 << 16:
+            raise ValueError(f"max_receive_message_bytes must be ≥ 64 KiB, got {self.max_receive_message_bytes}")
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
     @property
     def workers(self) -> int:
@@ -136,6 +170,9 @@ class LoraplexServer:
         """Loads the model (unless an engine was given) and starts serving; not warm yet."""
         from loraplex.adapters.store import AdapterStore
 
+        credentials = None  # read first: a wrong file fails before the model loads
+        if self.config.tls:
+            credentials = tls.server_credentials(self.config.tls_cert, self.config.tls_key, self.config.tls_client_ca)
         if self._engine is None:
             from loraplex.server.engine.engine import Engine
 
@@ -150,10 +187,13 @@ class LoraplexServer:
 
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.config.workers, thread_name_prefix="grpc"),
-            interceptors=[
+            interceptors=[  # the first is the outermost
                 StatusInterceptor({GENERATION_SERVICE, ADMIN_SERVICE}, self.metrics.count_request),
                 AdminAuthInterceptor({ADMIN_SERVICE}, self.config.admin_token, self.config.insecure_admin),
+                ClientAuthInterceptor({GENERATION_SERVICE}, self.config.api_tokens, self.config.admin_token),
+                UndecodableRequestInterceptor({GENERATION_SERVICE, ADMIN_SERVICE}),
             ],
+            options=[("grpc.max_receive_message_length", self.config.max_receive_message_bytes)],
             maximum_concurrent_rpcs=self.config.workers,
         )
         generate_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(engine, self.metrics), self._grpc)
@@ -168,7 +208,10 @@ class LoraplexServer:
             (GENERATION_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
         )
         address = _host_port(self.config.host, self.config.port)
-        self._port = self._grpc.add_insecure_port(address)
+        if credentials is None:
+            self._port = self._grpc.add_insecure_port(address)
+        else:
+            self._port = self._grpc.add_secure_port(address, credentials)
         if self._port == 0:
             raise RuntimeError(f"could not bind gRPC to {address}")
         self._grpc.start()
@@ -176,7 +219,8 @@ class LoraplexServer:
             from prometheus_client import start_http_server
 
             self._http, _ = start_http_server(self.config.metrics_port, addr=self.config.host, registry=self.metrics.registry)
-        log.info("listening on %s (metrics port: %s); health NOT_SERVING until warm-up", self.target, self.metrics_port)
+        log.info("listening on %s (%s; metrics port: %s); health NOT_SERVING until warm-up", self.target,
+                 ("mutual TLS" if self.config.tls_client_ca else "TLS") if self.config.tls else "plaintext", self.metrics_port)  # fmt: skip
         return self
 
     def warm_up(self) -> None:

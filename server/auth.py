@@ -1,13 +1,20 @@
-"""Admin token check and per-RPC status accounting, as a gRPC server interceptor.
+"""Bearer-token checks, as gRPC server interceptors. Callers send metadata
+`authorization: Bearer <token>`; each interceptor guards the services it is given and
+nothing else (health and reflection stay open).
 
-`AdminAuthInterceptor` guards every method of the services it is given (the
-AdapterAdmin service) and nothing else:
-- metadata `authorization: Bearer <token>` equal to the configured token: allowed;
+`AdminAuthInterceptor` (the AdapterAdmin service):
+- the configured admin token: allowed;
 - no `authorization` metadata (or not a Bearer token): UNAUTHENTICATED;
-- a wrong token: PERMISSION_DENIED;
-- no token configured: PERMISSION_DENIED ("admin API disabled"), unless the server was
-  started with insecure_admin, which accepts every caller (development on loopback).
-Rejected calls are refused before the handler runs: an upload's chunks are never read.
+- any other token, a client (API) token included: PERMISSION_DENIED;
+- no admin token configured: PERMISSION_DENIED ("admin API disabled"), unless the server
+  was started with insecure_admin, which accepts every caller (development on loopback).
+
+`ClientAuthInterceptor` (the Generation service), only when API tokens are configured:
+- one of the API tokens, or the admin token: allowed;
+- no token, or a token that is neither: UNAUTHENTICATED.
+
+Tokens are compared in constant time, each against every configured token. Rejected
+calls are refused before the handler runs: an upload's chunks are never read.
 """
 
 from __future__ import annotations
@@ -20,15 +27,18 @@ import grpc
 _KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
 
 
-def rewrap_handler(handler: grpc.RpcMethodHandler, wrap: Callable) -> grpc.RpcMethodHandler:
-    """A handler of the same kind whose behavior is wrap(behavior, streaming_response)."""
+def rewrap_handler(
+    handler: grpc.RpcMethodHandler, wrap: Callable, request_deserializer: Callable | None = None
+) -> grpc.RpcMethodHandler:
+    """A handler of the same kind whose behavior is wrap(behavior, streaming_response),
+    and whose request deserializer is `request_deserializer` when given."""
     for kind in _KINDS:
         behavior = getattr(handler, kind)
         if behavior is not None:
             factory = getattr(grpc, f"{kind}_rpc_method_handler")
             return factory(
                 wrap(behavior, handler.response_streaming),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=request_deserializer or handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
     return handler
@@ -51,29 +61,23 @@ def bearer_token(metadata) -> str | None:
     return None
 
 
-class AdminAuthInterceptor(grpc.ServerInterceptor):
-    def __init__(self, services: set[str], token: str | None, insecure: bool = False):
-        if token is not None and not token:
-            raise ValueError("admin token must not be empty")
+def _matches_any(presented: str, tokens: tuple[bytes, ...]) -> bool:
+    """Constant time in which token matches: every one is compared."""
+    candidate = presented.encode("utf-8", "surrogatepass")
+    found = False
+    for token in tokens:
+        found |= hmac.compare_digest(candidate, token)
+    return found
+
+
+class _GuardInterceptor(grpc.ServerInterceptor):
+    """Refuses the calls to `services` for which check(metadata) returns a status."""
+
+    def __init__(self, services: set[str]):
         self._services = frozenset(services)
-        self._token = token.encode() if token else None
-        self._insecure = insecure
 
     def check(self, metadata) -> tuple[grpc.StatusCode, str] | None:
-        """None if the caller may proceed, else the status to refuse with."""
-        if self._token is None:
-            if self._insecure:
-                return None
-            return (
-                grpc.StatusCode.PERMISSION_DENIED,
-                "admin API disabled: start the server with --admin-token or LORAPLEX_ADMIN_TOKEN",
-            )
-        presented = bearer_token(metadata)
-        if presented is None:
-            return grpc.StatusCode.UNAUTHENTICATED, "admin token required: metadata 'authorization: Bearer <token>'"
-        if not hmac.compare_digest(presented.encode(), self._token):
-            return grpc.StatusCode.PERMISSION_DENIED, "wrong admin token"
-        return None
+        raise NotImplementedError
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -90,3 +94,53 @@ class AdminAuthInterceptor(grpc.ServerInterceptor):
             return refuse
 
         return rewrap_handler(handler, wrap)
+
+
+class AdminAuthInterceptor(_GuardInterceptor):
+    def __init__(self, services: set[str], token: str | None, insecure: bool = False):
+        if token is not None and not token:
+            raise ValueError("admin token must not be empty")
+        super().__init__(services)
+        self._token = token.encode() if token else None
+        self._insecure = insecure
+
+    def check(self, metadata) -> tuple[grpc.StatusCode, str] | None:
+        """None if the caller may proceed, else the status to refuse with."""
+        if self._token is None:
+            if self._insecure:
+                return None
+            return (
+                grpc.StatusCode.PERMISSION_DENIED,
+                "admin API disabled: start the server with --admin-token or LORAPLEX_ADMIN_TOKEN",
+            )
+        presented = bearer_token(metadata)
+        if presented is None:
+            return grpc.StatusCode.UNAUTHENTICATED, "admin token required: metadata 'authorization: Bearer <token>'"
+        if not _matches_any(presented, (self._token,)):
+            return grpc.StatusCode.PERMISSION_DENIED, "this token may not call the admin API"
+        return None
+
+
+class ClientAuthInterceptor(_GuardInterceptor):
+    """Generation calls need an API token or the admin token, once API tokens are set."""
+
+    def __init__(self, services: set[str], api_tokens, admin_token: str | None = None):
+        if any(not t for t in api_tokens) or (admin_token is not None and not admin_token):
+            raise ValueError("tokens must not be empty")
+        super().__init__(services)
+        accepted = set(api_tokens) | ({admin_token} if api_tokens and admin_token else set())
+        self._tokens = tuple(sorted(t.encode() for t in accepted))
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._tokens)
+
+    def check(self, metadata) -> tuple[grpc.StatusCode, str] | None:
+        if not self._tokens:
+            return None
+        presented = bearer_token(metadata)
+        if presented is None:
+            return grpc.StatusCode.UNAUTHENTICATED, "API token required: metadata 'authorization: Bearer <token>'"
+        if not _matches_any(presented, self._tokens):
+            return grpc.StatusCode.UNAUTHENTICATED, "invalid API token"
+        return None

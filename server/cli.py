@@ -20,6 +20,8 @@ from pathlib import Path
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 ENV_ADMIN_TOKEN = "LORAPLEX_ADMIN_TOKEN"
+ENV_API_TOKENS = "LORAPLEX_API_TOKENS"  # serve: comma-separated
+ENV_API_TOKEN = "LORAPLEX_API_TOKEN"  # generate: the one to send
 ENV_ADAPTER_ROOT = "LORAPLEX_ADAPTER_ROOT"
 ENV_TARGET = "LORAPLEX_TARGET"
 
@@ -41,6 +43,8 @@ ENGINE_DEFAULTS = {
 _EPILOG = f"""\
 environment:
   {ENV_ADMIN_TOKEN}   admin token (serve: the token to require; clients: the token to send)
+  {ENV_API_TOKENS}    serve: comma-separated API tokens that generation then requires
+  {ENV_API_TOKEN}     generate: the API token to send (default: the admin token, if set)
   {ENV_ADAPTER_ROOT}  adapter root of `serve` (default: $XDG_DATA_HOME/loraplex/adapters)
   {ENV_TARGET}        server address of the client commands (default {DEFAULT_TARGET})
 """
@@ -82,6 +86,15 @@ ${ENV_ADMIN_TOKEN}; callers send metadata 'authorization: Bearer <token>'
 admin API is refused (PERMISSION_DENIED), unless --insecure-admin is given,
 which is accepted only with a loopback --host.
 
+Generation (Generate, GenerateStream) is open to every caller unless API tokens
+are set (--api-token, repeatable, or ${ENV_API_TOKENS}, comma-separated): then
+it needs one of them or the admin token (else UNAUTHENTICATED), and an API token
+calling an admin RPC gets PERMISSION_DENIED. Health and reflection stay open.
+
+TLS: --tls-cert and --tls-key make the gRPC port TLS-only; --tls-client-ca also
+requires client certificates signed by that CA (mutual TLS). Tokens travel in
+metadata: without TLS, keep --host on loopback. The metrics port stays plain HTTP.
+
 SIGTERM or SIGINT drains: health turns NOT_SERVING, new requests get
 UNAVAILABLE, running ones finish within --shutdown-grace seconds (the rest are
 cancelled), and the process exits 0. A second signal exits at once (status 1).""",
@@ -97,6 +110,12 @@ cancelled), and the process exits 0. A second signal exits at once (status 1).""
     p.add_argument("--no-metrics", action="store_true", help="do not serve metrics over HTTP")
     p.add_argument("--admin-token", default=None, help=f"token required by admin RPCs (default: ${ENV_ADMIN_TOKEN}, preferable: a command line is visible to other users)")
     p.add_argument("--insecure-admin", action="store_true", help="allow admin RPCs without a token (loopback --host only; development)")
+    p.add_argument("--api-token", action="append", default=[], metavar="TOKEN",
+                   help=f"token that generation calls must send (repeatable; default: ${ENV_API_TOKENS}, comma-separated, "
+                        "preferable for the same reason; none = generation open to all)")
+    p.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain of the server (with --tls-key: TLS only)")
+    p.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", type=Path, default=None, help="PEM CA that client certificates must be signed by (mutual TLS)")
     e = p.add_argument_group("engine")
     d = ENGINE_DEFAULTS
     e.add_argument("--quantize", choices=("nf4", "none"), default=d["quantize"], help="base model weights: 4-bit NF4 or unquantized")
@@ -139,18 +158,29 @@ def serve_config_from_args(args):
         metrics_port=None if args.no_metrics else args.metrics_port,
         admin_token=args.admin_token or os.environ.get(ENV_ADMIN_TOKEN) or None,
         insecure_admin=args.insecure_admin,
+        api_tokens=tuple(args.api_token) or api_tokens_from_env(),
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
         shutdown_grace_s=args.shutdown_grace,
     )
+
+
+def api_tokens_from_env() -> tuple[str, ...]:
+    return tuple(t.strip() for t in os.environ.get(ENV_API_TOKENS, "").split(",") if t.strip())
 
 
 def _serve(args) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("loraplex")
-    from loraplex.server.app import LoraplexServer, seed_bundled_adapters
+    from loraplex.server.app import LoraplexServer, is_loopback, seed_bundled_adapters
+    from loraplex.server.tls import server_credentials
 
     try:
         config = serve_config_from_args(args)
-    except ValueError as e:
+        if config.tls:  # read the files now: a wrong one fails before the model loads
+            server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+    except ValueError as e:  # TlsError is one
         print(f"loraplex serve: {e}", file=sys.stderr)
         return 2
     root = config.engine.adapter_root
@@ -161,6 +191,8 @@ def _serve(args) -> int:
             log.info("copied demo adapters %s into %s", ", ".join(copied), root)
     if config.admin_token is None and not config.insecure_admin:
         log.warning("no admin token: the admin API is disabled (set --admin-token or $%s)", ENV_ADMIN_TOKEN)
+    if (config.admin_token or config.api_tokens) and not config.tls and not is_loopback(config.host):
+        log.warning("tokens are sent in plaintext to %s: add --tls-cert and --tls-key", config.host)
 
     stop = threading.Event()
     signals = {"count": 0}
@@ -195,13 +227,23 @@ def _add_target(p, admin: bool) -> None:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds before the call is abandoned")
     if admin:
         p.add_argument("--admin-token", default=None, help=f"admin token (default: ${ENV_ADMIN_TOKEN})")
+    else:
+        p.add_argument("--api-token", default=None,
+                       help=f"API token, for servers that require one (default: ${ENV_API_TOKEN}, else ${ENV_ADMIN_TOKEN})")
+    t = p.add_argument_group("TLS")
+    t.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's root certificates")
+    t.add_argument("--tls-ca", type=Path, default=None, help="connect with TLS, trusting this PEM CA (implies --tls)")
+    t.add_argument("--tls-cert", type=Path, default=None, help="PEM client certificate, for servers that require one (with --tls-key)")
+    t.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
 
 
 def _client(args):
     from loraplex.client import LoraplexClient
 
-    token = getattr(args, "admin_token", None) or os.environ.get(ENV_ADMIN_TOKEN) or None
-    return LoraplexClient(args.target, admin_token=token, timeout=args.timeout)
+    admin_token = getattr(args, "admin_token", None) or os.environ.get(ENV_ADMIN_TOKEN) or None
+    api_token = getattr(args, "api_token", None) or os.environ.get(ENV_API_TOKEN) or None
+    return LoraplexClient(args.target, admin_token=admin_token, api_token=api_token, timeout=args.timeout,
+                          tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key)  # fmt: skip
 
 
 def _add_generate(sub) -> None:
@@ -340,9 +382,14 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 — client errors become one line and a status
         import grpc
 
+        from loraplex.server.tls import TlsError
+
         if isinstance(e, grpc.RpcError):
             print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1
+        if isinstance(e, TlsError):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         raise
     return int(result or 0)
 

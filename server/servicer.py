@@ -38,7 +38,7 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
         handle = self._submit(request, context)
         try:
             finish = None
-            for event in self._observed(handle):
+            for event in self._observed(handle, context):
                 if isinstance(event, FinishEvent):
                     finish = event
         finally:
@@ -53,7 +53,7 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
         handle = self._submit(request, context)
         request_id = handle.request.request_id
         try:
-            for event in self._observed(handle):
+            for event in self._observed(handle, context):
                 if isinstance(event, TokenEvent):
                     yield convert.stream_tokens_to_pb(event, request_id)
                 elif (refusal := status_for_finish(event)) is not None:
@@ -79,10 +79,10 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
             handle.cancel()
         return handle
 
-    def _observed(self, handle: RequestHandle):
+    def _observed(self, handle: RequestHandle, context):
         """The handle's events, observing TTFT, inter-token latency and token counts."""
         last = None
-        for event in handle.events():
+        for event in _while_active(handle, context):
             if isinstance(event, FinishEvent):
                 self._metrics.observe_finish(event.prompt_tokens, event.generated_tokens)
             elif event.token_ids:  # not the text-only flush before the finish
@@ -92,3 +92,16 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
                     self._metrics.itl.observe(max(event.time - last, 0.0))
                 last = event.time
             yield event
+
+
+def _while_active(handle: RequestHandle, context, poll_s: float = 1.0):
+    """The handle's events for as long as the RPC is alive: a worker thread never waits
+    forever on a request whose client is gone (it cancels the request instead)."""
+    while True:
+        try:
+            yield from handle.events(timeout=poll_s)
+            return
+        except TimeoutError:
+            if not context.is_active():
+                handle.cancel()
+                return

@@ -3,18 +3,23 @@
     code, message = status_for(exc)      # None for an exception we do not know
     abort_for(context, exc)              # aborts the RPC (raises) or re-raises exc
     status_for_finish(event)             # None when a finished request is a success
+    UndecodableRequestInterceptor(...)   # bytes that are no valid request: INVALID_ARGUMENT
 
 The servicers catch `Exception`, hand it here, and never pick a code themselves.
 Unknown exceptions are re-raised so that gRPC reports them as UNKNOWN and they are
-logged, instead of being disguised as a client error.
+logged, instead of being disguised as a client error. Messages are cut to
+MAX_DETAILS_BYTES: they may quote what the client sent (an id, a path), and status
+details travel in trailing metadata, which clients cap (8 KiB by default; past it the
+client sees RESOURCE_EXHAUSTED "Stream removed" instead of the status we sent).
 """
 
 from __future__ import annotations
 
 import grpc
 
+from loraplex.server.auth import rewrap_handler, service_of
 from loraplex.server.engine import errors as engine_errors
-from loraplex.server.engine.request import FINISH_CANCELLED, FINISH_DEADLINE, FINISH_ERROR, FinishEvent
+from loraplex.server.engine.request import FINISH_ADAPTER_GONE, FINISH_CANCELLED, FINISH_DEADLINE, FINISH_ERROR, FinishEvent
 
 # Most specific first: UnknownAdapter is a KeyError, InvalidRequest a ValueError.
 _ENGINE_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
@@ -44,11 +49,24 @@ def _adapter_codes() -> tuple[tuple[type[BaseException], grpc.StatusCode], ...]:
     return tuple(pairs)
 
 
+MAX_DETAILS_BYTES = 2048  # as sent: gRPC percent-encodes '%' and non-ASCII bytes (x3)
+
+
+def short_details(message: str) -> str:
+    """`message`, cut so that it travels in at most MAX_DETAILS_BYTES."""
+    size = 0
+    for i, ch in enumerate(message):
+        size += 1 if " " <= ch <= "~" and ch != "%" else 3 * len(ch.encode("utf-8", "surrogatepass"))
+        if size > MAX_DETAILS_BYTES - 32:
+            return message[:i] + f"... ({len(message)} characters)"
+    return message
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
     """The status code and message for a known exception, else None."""
     for cls, code in _ENGINE_CODES + _adapter_codes():
         if isinstance(exc, cls):
-            return code, str(exc) or cls.__name__
+            return code, short_details(str(exc) or cls.__name__)
     return None
 
 
@@ -65,6 +83,8 @@ def status_for_finish(event: FinishEvent) -> tuple[grpc.StatusCode, str] | None:
     already streamed stays with the client; a unary call returns no partial result."""
     if event.finish_reason == FINISH_ERROR:
         return grpc.StatusCode.INTERNAL, event.error or "generation failed"
+    if event.finish_reason == FINISH_ADAPTER_GONE:
+        return grpc.StatusCode.NOT_FOUND, event.error or "the adapter was unloaded"
     if event.finish_reason == FINISH_DEADLINE:
         return grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline passed"
     if event.finish_reason == FINISH_CANCELLED:
@@ -72,3 +92,68 @@ def status_for_finish(event: FinishEvent) -> tuple[grpc.StatusCode, str] | None:
         # listened to was cancelled by the server's shutdown.
         return grpc.StatusCode.UNAVAILABLE, "the request was cancelled: the server is shutting down"
     return None
+
+
+class _Undecodable:
+    """Stands in for a request message that did not parse."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str):
+        self.error = error
+
+
+def _tolerant(deserializer):
+    def deserialize(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as e:  # noqa: BLE001 — protobuf's DecodeError, or anything a parser raises
+            return _Undecodable(str(e) or type(e).__name__)
+
+    return deserialize
+
+
+def _refusal(undecodable: _Undecodable) -> tuple[grpc.StatusCode, str]:
+    return grpc.StatusCode.INVALID_ARGUMENT, short_details(f"the request message does not parse: {undecodable.error}")
+
+
+class UndecodableRequestInterceptor(grpc.ServerInterceptor):
+    """Bytes that are not a valid request (invalid UTF-8 in a string field, a truncated
+    message, a wrong wire type) get INVALID_ARGUMENT. gRPC itself would answer INTERNAL
+    ("Exception deserializing request!"), a server fault. Streamed requests are refused
+    at the first bad message; the messages before it have been handled."""
+
+    def __init__(self, services: set[str]):
+        self._services = frozenset(services)
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if (
+            handler is None
+            or handler.request_deserializer is None
+            or service_of(handler_call_details.method) not in self._services
+        ):
+            return handler
+
+        def wrap(behavior, streaming_response):
+            if handler.request_streaming:
+
+                def checked_stream(request_iterator, context):
+                    def messages():
+                        for message in request_iterator:
+                            if isinstance(message, _Undecodable):
+                                context.abort(*_refusal(message))
+                            yield message
+
+                    return behavior(messages(), context)
+
+                return checked_stream
+
+            def checked(request, context):
+                if isinstance(request, _Undecodable):
+                    context.abort(*_refusal(request))
+                return behavior(request, context)
+
+            return checked
+
+        return rewrap_handler(handler, wrap, request_deserializer=_tolerant(handler.request_deserializer))

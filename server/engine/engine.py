@@ -36,7 +36,7 @@ from loraplex.server.engine.request import (
     TokenEvent,
 )
 from loraplex.server.engine.runner import ModelRunner
-from loraplex.server.engine.sampler import make_generator, sample
+from loraplex.server.engine.sampler import make_generator, sample, sample_one
 from loraplex.server.engine.scheduler import Scheduler, SchedulerConfig
 from loraplex.server.engine.sequence import Sequence
 from loraplex.server.engine.tokenizer import Tokenizer
@@ -115,7 +115,8 @@ class Engine:
     def register_adapter_root(self, root: Path) -> None:
         """Registers every adapter directory under `root`; logs and skips invalid ones."""
         root.mkdir(parents=True, exist_ok=True)
-        for d in sorted(p for p in root.iterdir() if p.is_dir() and (p / "adapter_config.json").exists()):
+        # symlinked directories are skipped: they may point outside the root (LoadAdapter refuses those too)
+        for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and (p / "adapter_config.json").exists()):
             try:
                 self.adapters.add(d.name, d)
             except Exception as e:  # one broken adapter must not stop the server
@@ -260,10 +261,22 @@ class Engine:
             item.seq.num_computed += item.num_tokens
         if not wanting:
             return
-        tokens = sample(logits, [s.params for s in wanting], [s.generator for s in wanting])
+        try:
+            tokens = sample(logits, [s.params for s in wanting], [s.generator for s in wanting])
+        except Exception:  # find the request whose sampling fails; the others go on
+            tokens = [self._sample_alone(seq, logits[i]) for i, seq in enumerate(wanting)]
         now = time.monotonic()
         for seq, token in zip(wanting, tokens):
-            self._append(seq, token, now)
+            if token is not None:
+                self._append(seq, token, now)
+
+    def _sample_alone(self, seq: Sequence, logits) -> int | None:
+        try:
+            return sample_one(logits, seq.params, seq.generator)
+        except Exception as e:
+            log.exception("sampling failed for %s", seq.seq_id)
+            self._finish(seq, FINISH_ERROR, f"sampling failed: {e}")
+            return None
 
     def _append(self, seq: Sequence, token: int, now: float) -> None:
         seq.tokens.append(token)

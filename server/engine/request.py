@@ -35,8 +35,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if not 1 <= self.max_new_tokens <= 1_000_000:
             raise ValueError(f"max_new_tokens must be ≥ 1, got {self.max_new_tokens}")
-        if not (math.isfinite(self.temperature) and 0.0 <= self.temperature <= 100.0):
-            raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
+        if not (math.isfinite(self.temperature) and (self.temperature == 0.0 or 1e-4 <= self.temperature <= 100.0)):
+            raise ValueError(f"temperature must be 0 (greedy) or in [1e-4, 100], got {self.temperature}")
         if not 0 <= self.top_k <= 1_000_000:
             raise ValueError(f"top_k must be ≥ 0, got {self.top_k}")
         if not (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):

@@ -126,3 +126,23 @@ def test_shutdown_lets_running_requests_finish(make_engine):
     engine.shutdown(grace_s=30)
     t.join(timeout=60)
     assert [r.finish_reason for r in results] == ["length"] * len(PROMPTS)
+
+
+def test_a_sampling_failure_ends_only_its_request(make_engine, monkeypatch):
+    import loraplex.server.engine.engine as engine_module
+
+    real = engine_module.sample_one
+
+    def fragile(logits, params, generator):
+        if params.seed == 666:
+            raise RuntimeError("boom")
+        return real(logits, params, generator)
+
+    monkeypatch.setattr(engine_module, "sample_one", fragile)
+    monkeypatch.setattr(engine_module, "sample", lambda logits, ps, gs: [fragile(logits[i], p, g) for i, (p, g) in enumerate(zip(ps, gs))])
+    engine = make_engine()
+    good = [engine.submit(_req(engine, p, max_new_tokens=12, temperature=0.7, seed=1)) for p in PROMPTS]
+    bad = engine.submit(_req(engine, "the cat", max_new_tokens=12, temperature=0.7, seed=666))
+    failed = bad.result(timeout=60)
+    assert failed.finish_reason == "error" and "boom" in failed.error
+    assert [h.result(timeout=60).finish_reason for h in good] == ["length"] * len(PROMPTS)

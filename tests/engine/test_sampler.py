@@ -39,6 +39,7 @@ def test_top_k_and_top_p_restrict_the_support():
         (dict(max_new_tokens=0), "max_new_tokens"),
         (dict(temperature=-1), "temperature"),
         (dict(temperature=float("nan")), "temperature"),
+        (dict(temperature=1e-40), "temperature"),
         (dict(top_p=0.0), "top_p"),
         (dict(top_p=1.5), "top_p"),
         (dict(top_k=-2), "top_k"),

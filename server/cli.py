@@ -38,6 +38,8 @@ ENGINE_DEFAULTS = {
     "adapter_pool_bytes": 256 << 20,
     "max_rank": 64,
     "max_new_tokens": 4096,
+    "lora_backend": "auto",
+    "nf4_backend": "bnb",
 }
 
 _EPILOG = f"""\
@@ -128,6 +130,10 @@ cancelled), and the process exits 0. A second signal exits at once (status 1).""
     e.add_argument("--adapter-pool-mb", type=int, default=d["adapter_pool_bytes"] >> 20, help="device memory budget of the adapter pool, MiB")
     e.add_argument("--max-rank", type=int, default=d["max_rank"], help="largest adapter rank accepted")
     e.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"], help="cap on a request's max_new_tokens")
+    e.add_argument("--lora-backend", choices=("auto", "torch", "triton"), default=d["lora_backend"],
+                   help="adapter shrink/expand ops: auto = Triton on CUDA, the torch reference on CPU")
+    e.add_argument("--nf4-backend", choices=("bnb", "auto", "triton"), default=d["nf4_backend"],
+                   help="NF4 base matmul: bitsandbytes, or our fused Triton kernel (auto: where its shape policy picks it)")
     p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds running requests get to finish on SIGTERM")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     p.set_defaults(func=_serve)
@@ -150,6 +156,8 @@ def serve_config_from_args(args):
         adapter_pool_bytes=args.adapter_pool_mb << 20,
         max_rank=args.max_rank,
         max_new_tokens=args.max_new_tokens,
+        lora_backend=args.lora_backend,
+        nf4_backend=args.nf4_backend,
     )
     return ServeConfig(
         engine=engine,

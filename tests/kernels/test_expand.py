@@ -13,6 +13,8 @@ from loraplex.kernels.expand import expand, expand_ref
 from loraplex.kernels.mapping import LoraMappingBuffers, build_mapping
 from loraplex.kernels.shrink import shrink, shrink_ref
 
+from slot_mixes import RANK_CHOICES, token_slots
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # y is rounded to its dtype once; on a GPU the 16-bit paths multiply t in tf32 (11-bit
 # mantissa), below one bf16 ulp and about one fp16 ulp. rtol covers one ulp of the dtype.
@@ -21,27 +23,7 @@ TOL = {  # dtype: (atol, rtol)
     torch.bfloat16: (3e-2, 1.6e-2),
     torch.float16: (4e-3, 2e-3),
 }
-RANK_CHOICES = [1, 2, 5, 8, 16, 17, 32, 64, 100, 128]
 QKV = [48, 17, 17]  # q|k|v-like: unequal widths (GQA), one not a multiple of anything
-
-
-def token_slots(mix: str, num_tokens: int, num_slots: int, gen: torch.Generator) -> torch.Tensor:
-    """[T] int32 slot per token for an adapter popularity mix."""
-    if mix == "identical":
-        s = torch.full((num_tokens,), num_slots // 2)
-    elif mix == "distinct":
-        s = torch.randperm(num_slots, generator=gen).repeat(num_tokens // num_slots + 1)[:num_tokens]
-    elif mix == "zipf":
-        w = 1.0 / torch.arange(1, num_slots + 1, dtype=torch.float64) ** 1.2
-        s = torch.multinomial(w, num_tokens, replacement=True, generator=gen)
-    elif mix == "base25":
-        s = torch.randint(0, num_slots, (num_tokens,), generator=gen)
-        s[torch.rand(num_tokens, generator=gen) < 0.25] = -1
-    elif mix == "sparse":  # few slots used: most segments empty
-        s = torch.tensor([1, num_slots - 2, -1])[torch.randint(0, 3, (num_tokens,), generator=gen)]
-    else:
-        raise ValueError(mix)
-    return s.to(torch.int32)
 
 
 def make_case(num_tokens, widths, num_slots, max_rank, dtype, mix, seed=0, dora=True, pad=0.0):

@@ -9,6 +9,8 @@ import torch
 from loraplex.kernels.mapping import build_mapping
 from loraplex.kernels.shrink import shrink, shrink_ref
 
+from slot_mixes import RANK_CHOICES, token_slots
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # shrink returns fp32 for every input dtype: products of 16-bit inputs are exact in
 # fp32, so only the order of the fp32 sums differs from the reference.
@@ -17,26 +19,6 @@ TOL = {  # dtype: (atol, rtol)
     torch.bfloat16: (1e-3, 1e-3),
     torch.float16: (1e-3, 1e-3),
 }
-RANK_CHOICES = [1, 2, 5, 8, 16, 17, 32, 64, 100, 128]
-
-
-def token_slots(mix: str, num_tokens: int, num_slots: int, gen: torch.Generator) -> torch.Tensor:
-    """[T] int32 slot per token for an adapter popularity mix."""
-    if mix == "identical":
-        s = torch.full((num_tokens,), num_slots // 2)
-    elif mix == "distinct":  # one token per adapter (decode), cycling when T > S
-        s = torch.randperm(num_slots, generator=gen).repeat(num_tokens // num_slots + 1)[:num_tokens]
-    elif mix == "zipf":
-        w = 1.0 / torch.arange(1, num_slots + 1, dtype=torch.float64) ** 1.2
-        s = torch.multinomial(w, num_tokens, replacement=True, generator=gen)
-    elif mix == "base25":  # uniform over adapters, 25% base-only rows
-        s = torch.randint(0, num_slots, (num_tokens,), generator=gen)
-        s[torch.rand(num_tokens, generator=gen) < 0.25] = -1
-    elif mix == "sparse":  # few slots used: most segments empty
-        s = torch.tensor([1, num_slots - 2, -1])[torch.randint(0, 3, (num_tokens,), generator=gen)]
-    else:
-        raise ValueError(mix)
-    return s.to(torch.int32)
 
 
 def make_case(num_tokens, in_features, num_slots, max_rank, n_slices, dtype, mix, seed=0, pad=0.0):

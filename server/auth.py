@@ -19,6 +19,7 @@ calls are refused before the handler runs: an upload's chunks are never read.
 
 from __future__ import annotations
 
+import abc
 import hmac
 from typing import Callable
 
@@ -76,8 +77,9 @@ class _GuardInterceptor(grpc.ServerInterceptor):
     def __init__(self, services: set[str]):
         self._services = frozenset(services)
 
+    @abc.abstractmethod
     def check(self, metadata) -> tuple[grpc.StatusCode, str] | None:
-        raise NotImplementedError
+        """The status refusing the call, or None to let it through."""
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)

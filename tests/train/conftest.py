@@ -26,8 +26,7 @@ def one_cpu_thread():
 
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
-    if not (TINY / "config.json").is_file():
-        pytest.skip(f"the bundled tiny model is not built ({TINY})")
+    assert (TINY / "config.json").is_file(), f"the bundled tiny model is missing ({TINY})"
     return TINY
 
 

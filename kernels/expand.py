@@ -220,7 +220,7 @@ def expand_ref(
     scales: torch.Tensor,  # [n_slices, S] float32
     g: Sequence[torch.Tensor] | None,  # n_slices × [S, out_i] (ones for non-DoRA slots), or None
     mapping: LoraMapping,
-    ranks: torch.Tensor | None = None,  # [n_slices, S] int32; columns past a slot's rank are zero, so unused here
+    ranks: torch.Tensor | None = None,  # [n_slices, S] int32; columns past a slot's rank are not read
 ) -> None:
     """Semantics, for each slice i with output columns [o_i, o_i + out_i) of y:
 
@@ -234,18 +234,21 @@ def expand_ref(
     """
     if not mapping.any_adapter or y.shape[0] == 0:
         return
+    widths = [b.shape[1] for b in b_stacks]
+    offsets = [sum(widths[:i]) for i in range(len(widths))]
+    if sum(widths) != y.shape[1]:
+        raise ValueError(f"output slices cover {sum(widths)} columns but y has {y.shape[1]}")
+    # One matmul per adapter in the batch (the CPU backend: few distinct adapters per step).
     slots = mapping.token_slots.long()  # [T]
-    rows = (slots >= 0).nonzero().squeeze(1)  # [T_a]
-    s_rows = slots[rows]  # [T_a]
-    offset = 0
-    for i, b in enumerate(b_stacks):
-        width = b.shape[1]
-        b_tok = b[s_rows].float()  # [T_a, out_i, R]
-        delta = torch.bmm(b_tok, t[i, rows].float().unsqueeze(2)).squeeze(2)  # [T_a, out_i]
-        v = y[rows, offset : offset + width].float() + scales[i, s_rows].float().unsqueeze(1) * delta
-        if g is not None:
-            v = g[i][s_rows].float() * v
-        y[rows, offset : offset + width] = v.to(y.dtype)
-        offset += width
-    if offset != y.shape[1]:
-        raise ValueError(f"output slices cover {offset} columns but y has {y.shape[1]}")
+    rank_of = ranks.tolist() if ranks is not None else None  # n_slices × [S]
+    scale_of = scales.tolist()  # n_slices × [S]
+    for s in torch.unique(slots[slots >= 0]).tolist():
+        rows = (slots == s).nonzero().squeeze(1)  # [T_s]
+        for i, b in enumerate(b_stacks):
+            r = rank_of[i][s] if rank_of is not None else b.shape[2]
+            cols = slice(offsets[i], offsets[i] + widths[i])
+            delta = t[i, rows, :r].float() @ b[s, :, :r].float().T  # [T_s, out_i]
+            v = y[rows, cols].float() + scale_of[i][s] * delta
+            if g is not None:
+                v = g[i][s].float() * v
+            y[rows, cols] = v.to(y.dtype)

@@ -243,7 +243,7 @@ def shrink_ref(
     x: torch.Tensor,  # [T, in]
     a_stacks: Sequence[torch.Tensor],  # n_slices × [S, R, in]
     mapping: LoraMapping,
-    ranks: torch.Tensor | None = None,  # [n_slices, S] int32; rows past a slot's rank are zero, so unused here
+    ranks: torch.Tensor | None = None,  # [n_slices, S] int32; rows past a slot's rank are not read
     *,
     out: torch.Tensor | None = None,  # [n_slices, T, R] float32, written (allocated if None)
 ) -> torch.Tensor:  # [n_slices, T, R] float32
@@ -264,10 +264,13 @@ def shrink_ref(
         out.zero_()
     if not mapping.any_adapter or num_tokens == 0:
         return out
+    # One matmul per adapter in the batch (the CPU backend: few distinct adapters per step).
     slots = mapping.token_slots.long()  # [T]
-    rows = (slots >= 0).nonzero().squeeze(1)  # [T_a]
-    xs = x[rows].float()  # [T_a, in]
-    for i, a in enumerate(a_stacks):
-        a_tok = a[slots[rows]].float()  # [T_a, R, in]
-        out[i, rows] = torch.bmm(a_tok, xs.unsqueeze(2)).squeeze(2)  # [T_a, R]
+    rank_of = ranks.tolist() if ranks is not None else None  # n_slices × [S]
+    for s in torch.unique(slots[slots >= 0]).tolist():
+        rows = (slots == s).nonzero().squeeze(1)  # [T_s]
+        xs = x[rows].float()  # [T_s, in]
+        for i, a in enumerate(a_stacks):
+            r = rank_of[i][s] if rank_of is not None else max_rank
+            out[i, rows, :r] = xs @ a[s, :r].float().T  # [T_s, r]
     return out

@@ -54,6 +54,8 @@ def paged_attention_torch(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:  # [T, heads, head_dim]
+    if q.shape[0] == len(meta.context_lens):  # one new token per sequence: a pure decode step
+        return _decode_attention(q, cache, layer, meta, scale)
     out = torch.empty_like(q)
     heads = q.shape[1]
     for b, ctx in enumerate(meta.context_lens):
@@ -76,3 +78,24 @@ def paged_attention_torch(
         o = F.scaled_dot_product_attention(qb, k, v, attn_mask=allowed, scale=scale)  # [heads, q_len, D]
         out[start:end] = o.transpose(0, 1)
     return out
+
+
+def _decode_attention(q: torch.Tensor, cache: KVCache, layer: int, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """All sequences at once when each feeds one token: contexts padded to the longest, masked."""
+    batch, heads, _ = q.shape
+    lens = torch.tensor(meta.context_lens, device=q.device)  # [B]
+    longest = int(max(meta.context_lens))
+    tables = torch.nn.utils.rnn.pad_sequence(meta.block_tables, batch_first=True)  # [B, max blocks]
+    offsets = torch.arange(cache.block_size, device=q.device)
+    rows = (tables.unsqueeze(2) * cache.block_size + offsets).reshape(batch, -1)[:, :longest]  # [B, L]
+    k = cache.k[layer][rows]  # [B, L, KVH, D]
+    v = cache.v[layer][rows]
+    groups = heads // k.shape[2]
+    k = k.repeat_interleave(groups, dim=2).transpose(1, 2)  # [B, H, L, D]
+    v = v.repeat_interleave(groups, dim=2).transpose(1, 2)
+    k_pos = torch.arange(longest, device=q.device).unsqueeze(0)  # [1, L]
+    allowed = k_pos < lens.unsqueeze(1)  # [B, L]
+    if meta.sliding_window is not None:
+        allowed &= k_pos > (lens - 1).unsqueeze(1) - meta.sliding_window
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=allowed[:, None, None, :], scale=scale)  # [B, H, 1, D]
+    return o.squeeze(2)

@@ -40,6 +40,7 @@ ENGINE_DEFAULTS = {
     "max_new_tokens": 4096,
     "lora_backend": "auto",
     "nf4_backend": "bnb",
+    "cpu_threads": None,
 }
 
 _EPILOG = f"""\
@@ -132,6 +133,8 @@ cancelled), and the process exits 0. A second signal exits at once (status 1).""
     e.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"], help="cap on a request's max_new_tokens")
     e.add_argument("--lora-backend", choices=("auto", "torch", "triton"), default=d["lora_backend"],
                    help="adapter shrink/expand ops: auto = Triton on CUDA, the torch reference on CPU")
+    e.add_argument("--cpu-threads", type=int, default=d["cpu_threads"],
+                   help="torch threads for the engine on CPU (default: torch's; 1 is fastest for the tiny model)")
     e.add_argument("--nf4-backend", choices=("bnb", "auto", "triton"), default=d["nf4_backend"],
                    help="NF4 base matmul: bitsandbytes, or our fused Triton kernel (auto: where its shape policy picks it)")
     p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds running requests get to finish on SIGTERM")
@@ -158,6 +161,7 @@ def serve_config_from_args(args):
         max_new_tokens=args.max_new_tokens,
         lora_backend=args.lora_backend,
         nf4_backend=args.nf4_backend,
+        cpu_threads=args.cpu_threads,
     )
     return ServeConfig(
         engine=engine,

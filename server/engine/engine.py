@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from loraplex.adapters.pool import AdapterPool
 from loraplex.kernels.backend import lora_ops
 from loraplex.server.engine.block_manager import BlockManager
@@ -222,6 +224,8 @@ class Engine:
             self._retired.append(key)
 
     def _loop(self) -> None:
+        if self.model.device.type == "cpu" and self.config.cpu_threads:
+            torch.set_num_threads(self.config.cpu_threads)  # for this thread: OpenMP counts per calling thread
         while True:
             with self._lock:
                 while not self._stop and not self._incoming and not self._has_work():

@@ -146,3 +146,15 @@ def test_a_sampling_failure_ends_only_its_request(make_engine, monkeypatch):
     failed = bad.result(timeout=60)
     assert failed.finish_reason == "error" and "boom" in failed.error
     assert [h.result(timeout=60).finish_reason for h in good] == ["length"] * len(PROMPTS)
+
+
+def test_cpu_threads_setting_reaches_torch(make_engine, monkeypatch):
+    """The engine thread sets its own torch thread count (OpenMP's is per calling thread)."""
+    import torch
+
+    calls = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append((threading.current_thread().name, n)), real(n)))
+    engine = make_engine(cpu_threads=1)
+    engine.generate(_req(engine, "the cat", max_new_tokens=2), timeout=30)
+    assert calls == [("engine", 1)]

@@ -60,7 +60,8 @@ def run_loraplex(args, adapters_dir: Path, jobs: list[tuple[list[int], str]]) ->
 
     engine = Engine.from_config(EngineConfig(model_dir=args.model, adapter_root=adapters_dir, device=args.device,
                                              adapter_slots=max(8, args.adapters), max_rank=args.rank,
-                                             max_batch_tokens=args.batch_tokens, kv_cache_tokens=args.kv_tokens))
+                                             max_batch_tokens=args.batch_tokens, kv_cache_tokens=args.kv_tokens,
+                                             cpu_threads=args.threads))
     engine.start()
     engine.warmup()
     params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)

@@ -19,16 +19,15 @@ It knows nothing of the GPU pool or of where directories live (store.py).
 
 from __future__ import annotations
 
-import errno
 import os
 import re
-import stat
 from pathlib import Path
 
 import torch
 
 from .config import MODULE_PARENT, AdapterConfig, decode_config_json, parse_adapter_config
-from .errors import AdapterError, AdapterNotFound, AdapterTooLarge
+from .errors import AdapterError, AdapterNotFound
+from .files import open_regular_file
 from .form import TARGET_MODULES, AdapterWeights, BaseModelView, ModuleKey
 from .registry import AdapterTensors, TensorNames, adapter_type, module_label
 from .safetensors_io import read_safetensors
@@ -45,21 +44,8 @@ _SHARED_KEY = re.compile(r"^base_model\.(\w+)$")
 
 
 def _read_config(path: Path) -> bytes:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
-    except FileNotFoundError:
-        raise AdapterError(f"{CONFIG_NAME} is missing from the adapter directory") from None
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise AdapterError(f"{CONFIG_NAME} is a symlink; adapter files must be regular files") from None
-        raise AdapterError(f"{CONFIG_NAME} cannot be opened: {e.strerror}") from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise AdapterError(f"{CONFIG_NAME} is not a regular file")
-    with os.fdopen(fd, "rb") as f:
-        if st.st_size > MAX_CONFIG_BYTES:
-            raise AdapterTooLarge(f"{CONFIG_NAME} is {st.st_size} bytes, over the cap of {MAX_CONFIG_BYTES}")
+    with open_regular_file(path, follow_symlinks=False, max_bytes=MAX_CONFIG_BYTES,
+                           missing=f"{CONFIG_NAME} is missing from the adapter directory") as (f, _):
         return f.read(MAX_CONFIG_BYTES + 1)[:MAX_CONFIG_BYTES]
 
 

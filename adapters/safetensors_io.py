@@ -26,18 +26,17 @@ nothing of adapters (key names, shapes per module): see loader.py.
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
-import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .errors import AdapterError, AdapterTooLarge
+from .errors import AdapterError
+from .files import open_regular_file
 
 MAX_HEADER_BYTES = 16 * 2**20  # the reference implementation's own cap (100 MB) is far above any adapter's
 MAX_NDIM = 8
@@ -167,23 +166,7 @@ def read_safetensors(
         raise RuntimeError("read_safetensors needs a little-endian host")
     path = Path(path)
     label = path.name
-    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | (0 if follow_symlinks else os.O_NOFOLLOW)
-    try:
-        fd = os.open(path, flags | getattr(os, "O_NONBLOCK", 0))  # O_NONBLOCK: a FIFO must not hang us
-    except FileNotFoundError:
-        raise AdapterError(f"{label} does not exist") from None
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise AdapterError(f"{label} is a symlink; adapter files must be regular files") from None
-        raise AdapterError(f"{label} cannot be opened: {e.strerror}") from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise AdapterError(f"{label} is not a regular file")
-    with os.fdopen(fd, "rb") as f:
-        size = st.st_size
-        if max_bytes is not None and size > max_bytes:
-            raise AdapterTooLarge(f"{label} is {size} bytes, over the cap of {max_bytes}")
+    with open_regular_file(path, follow_symlinks=follow_symlinks, max_bytes=max_bytes) as (f, size):
         if size < 8:
             raise AdapterError(f"{label} is {size} bytes, too short for a safetensors header")
         n = int.from_bytes(f.read(8), "little")

@@ -12,7 +12,6 @@ start). test_cancel_storm.py and test_overload.py bring their own servers.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sys
 import threading
@@ -23,9 +22,9 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-import torch
 
 import loraplex
+from lora_dirs import ALL_MODULES, lora_config, lora_tensors, module_shapes, safetensors_bytes, write_adapter, write_lora
 
 TINY = Path(loraplex.__file__).parent / "assets" / "tiny-llama"
 ADMIN_TOKEN = "hardening-admin-token"
@@ -33,57 +32,7 @@ UPLOAD_CAP = 2 << 20
 MAX_RANK = 16
 MAX_RUNNING = 8
 PROMPT = "Once upon a time"
-ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 GOOD = "good"  # a LoRA in the adapter root at start; tests may generate with it, never change it
-
-
-def module_shapes() -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of each target module of the tiny model."""
-    c = json.loads((TINY / "config.json").read_text())
-    h, inter = c["hidden_size"], c["intermediate_size"]
-    head_dim = c.get("head_dim") or h // c["num_attention_heads"]
-    q, kv = c["num_attention_heads"] * head_dim, c["num_key_value_heads"] * head_dim
-    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-            "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}  # fmt: skip
-
-
-def lora_tensors(rank: int, targets=ALL_MODULES, seed: int = 0) -> dict[str, torch.Tensor]:
-    """PEFT-named LoRA weights for every layer of the tiny model, non-zero and random."""
-    layers = json.loads((TINY / "config.json").read_text())["num_hidden_layers"]
-    shapes = module_shapes()
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for i in range(layers):
-        for name in targets:
-            parent = "self_attn" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-            fan_in, fan_out = shapes[name]
-            prefix = f"base_model.model.model.layers.{i}.{parent}.{name}"
-            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, fan_in, generator=g) / fan_in**0.5
-            tensors[f"{prefix}.lora_B.weight"] = torch.randn(fan_out, rank, generator=g) * 0.5
-    return tensors
-
-
-def lora_config(rank: int, targets=ALL_MODULES) -> bytes:
-    return json.dumps({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
-                       "target_modules": list(targets), "bias": "none", "lora_dropout": 0.0,
-                       "base_model_name_or_path": "tiny-llama"}).encode()  # fmt: skip
-
-
-def safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
-    from safetensors.torch import save
-
-    return save(tensors)
-
-
-def write_adapter(out: Path, config: bytes, weights: bytes) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "adapter_config.json").write_bytes(config)
-    (out / "adapter_model.safetensors").write_bytes(weights)
-    return out
-
-
-def write_lora(out: Path, rank: int = 4, targets=ALL_MODULES, seed: int = 0) -> Path:
-    return write_adapter(out, lora_config(rank, targets), safetensors_bytes(lora_tensors(rank, targets, seed)))
 
 
 @dataclass

@@ -8,7 +8,6 @@ Test modules cannot import this file; they get helpers through fixtures (`write_
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -16,54 +15,18 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-import torch
 
 import loraplex
+from lora_dirs import ALL_MODULES, write_lora
 
 TINY = Path(loraplex.__file__).parent / "assets" / "tiny-llama"
 ADMIN_TOKEN = "test-admin-token"
-ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Adapters in the adapter root at start: id -> (rank, target modules, seed).
 START_ADAPTERS = {
     "alpha": (4, ("q_proj", "v_proj"), 1),
     "beta": (8, ALL_MODULES, 2),
     "gamma": (2, ("o_proj", "down_proj", "up_proj"), 3),
 }
-
-
-def _module_shapes() -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of each target module of the tiny model."""
-    c = json.loads((TINY / "config.json").read_text())
-    h, inter = c["hidden_size"], c["intermediate_size"]
-    head_dim = c.get("head_dim") or h // c["num_attention_heads"]
-    q, kv = c["num_attention_heads"] * head_dim, c["num_key_value_heads"] * head_dim
-    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-            "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}  # fmt: skip
-
-
-def write_lora(out: Path, rank: int, targets=ALL_MODULES, seed: int = 0) -> Path:
-    """A PEFT-format LoRA directory (adapter_config.json + adapter_model.safetensors)
-    with non-zero random weights, as save_pretrained lays it out."""
-    from safetensors.torch import save_file
-
-    layers = json.loads((TINY / "config.json").read_text())["num_hidden_layers"]
-    shapes = _module_shapes()
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for i in range(layers):
-        for name in targets:
-            parent = "self_attn" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-            fan_in, fan_out = shapes[name]
-            prefix = f"base_model.model.model.layers.{i}.{parent}.{name}"
-            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, fan_in, generator=g) / fan_in**0.5
-            tensors[f"{prefix}.lora_B.weight"] = torch.randn(fan_out, rank, generator=g) * 0.5
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "adapter_model.safetensors"))
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
-              "target_modules": list(targets), "bias": "none", "lora_dropout": 0.0,
-              "base_model_name_or_path": "tiny-llama", "init_lora_weights": False}  # fmt: skip
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    return out
 
 
 @dataclass

@@ -44,8 +44,7 @@ class Scheduler:
         self.pool = pool
         self.catalog = catalog
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
-        self._order = 0
+        self.running: list[Sequence] = []  # in admission order: preemption takes the last
         self.preemptions = 0
         self.adapter_gone: list[Sequence] = []  # waiting sequences whose adapter was removed: the engine ends them
 
@@ -90,8 +89,6 @@ class Scheduler:
                     break  # first come, first served for KV blocks
                 skipped.pop()
                 self.blocks.grow(seq.seq_id, seq.num_computed + n)
-                self._order += 1
-                seq.order = self._order
                 self.running.append(seq)
                 plan.append(Scheduled(seq, n))
                 budget -= n
@@ -111,8 +108,6 @@ class Scheduler:
         key = seq.adapter_key
         try:
             slot = self.pool.acquire(key, lambda: self.catalog.weights(key))
-        except UnknownAdapter:
-            raise
         except KeyError:  # evicted from the host cache since weights_ready: load it again
             return False
         if slot is None:

@@ -4,7 +4,7 @@ stream that never shows part of a stop string or of a UTF-8 character."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from loraplex.server.engine.request import RequestHandle
 
@@ -22,7 +22,6 @@ class Sequence:
     text: str = ""  # decoded text of the generated tokens (stop string cut off)
     emitted_chars: int = 0  # characters of `text` streamed so far
     first_token_time: float | None = None
-    order: int = field(default=0)  # admission order, for preemption
 
     @property
     def seq_id(self) -> str:

@@ -2,14 +2,17 @@
 held by running requests, and LRU eviction of adapters no running request uses.
 
 It owns no tensors: `write(slot, weights)` and `clear(slot)` (the model's adapter
-layers) do the copying. Called from the engine thread only.
+layers) do the copying. Adapters take device memory by rank (rank pages), so a free
+slot is not always enough: with a `PageBudget` (the model) the LRU evicts unpinned
+adapters until both a slot and the pages are free, and evicts nothing when even
+evicting them all would not do. Called from the engine thread only.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Hashable
+from typing import Callable, Hashable, Protocol, Sequence
 
 from loraplex.adapters.form import AdapterWeights
 
@@ -20,13 +23,30 @@ class PoolCounters:
     evictions: int = 0  # adapters removed from a slot to make room
 
 
+class PageBudget(Protocol):
+    """Rank pages per pool of the device storage (one pool per target module)."""
+
+    def pages_needed(self, weights: AdapterWeights) -> Sequence[int]: ...
+
+    def pages_held(self, slot: int) -> Sequence[int]: ...
+
+    def pages_free(self) -> Sequence[int]: ...
+
+
 class AdapterPool:
-    def __init__(self, num_slots: int, write: Callable[[int, AdapterWeights], None], clear: Callable[[int], None]):
+    def __init__(
+        self,
+        num_slots: int,
+        write: Callable[[int, AdapterWeights], None],
+        clear: Callable[[int], None],
+        pages: PageBudget | None = None,  # None: slots are the only limit
+    ):
         if num_slots < 1:
             raise ValueError("the adapter pool needs at least one slot")
         self.num_slots = num_slots
         self._write = write
         self._clear = clear
+        self._pages = pages
         self._slot_of: "OrderedDict[Hashable, int]" = OrderedDict()  # key -> slot, least recently used first
         self._pins: dict[Hashable, int] = {}
         self._doomed: set[Hashable] = set()  # removed while pinned: freed at the last release
@@ -49,14 +69,20 @@ class AdapterPool:
 
     def acquire(self, key: Hashable, weights: Callable[[], AdapterWeights]) -> int | None:
         """Pins `key` and returns its slot, writing it (weights()) into a free or evicted
-        slot if it is not resident. None if every slot is pinned by other adapters."""
+        slot if it is not resident. None if the slots or the memory it needs are pinned
+        by other adapters (nothing is evicted then)."""
         slot = self._slot_of.get(key)
         if slot is None:
-            slot = self._take_slot()
-            if slot is None:
+            w = weights()
+            victims = self._victims_for(w)
+            if victims is None:
                 return None
+            for victim in victims:
+                self._drop(victim)
+                self.counters.evictions += 1
+            slot = self._free.pop()
             try:
-                self._write(slot, weights())
+                self._write(slot, w)
             except BaseException:
                 self._clear(slot)
                 self._free.append(slot)
@@ -93,12 +119,20 @@ class AdapterPool:
         self._clear(slot)
         self._free.append(slot)
 
-    def _take_slot(self) -> int | None:
-        if self._free:
-            return self._free.pop()
-        for key in self._slot_of:  # least recently used first
-            if not self._pins.get(key):
-                self._drop(key)
-                self.counters.evictions += 1
-                return self._free.pop()
-        return None
+    def _victims_for(self, weights: AdapterWeights) -> list[Hashable] | None:
+        """The fewest least recently used unpinned adapters whose eviction leaves a free
+        slot and enough free pages for `weights`, or None if evicting every unpinned one
+        would not (then nothing is evicted: a request that waits must not empty the pool)."""
+        need = self._pages.pages_needed(weights) if self._pages else None
+        free = list(self._pages.pages_free()) if self._pages else None
+        victims: list[Hashable] = []
+        candidates = iter([key for key in self._slot_of if not self._pins.get(key)])  # least recently used first
+        while True:
+            if (self._free or victims) and (need is None or all(f >= n for f, n in zip(free, need))):
+                return victims
+            victim = next(candidates, None)
+            if victim is None:
+                return None
+            victims.append(victim)
+            if free is not None:
+                free = [f + h for f, h in zip(free, self._pages.pages_held(self._slot_of[victim]))]

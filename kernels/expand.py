@@ -1,5 +1,6 @@
 """expand: the second half of the adapter delta, written in place over several output
-slices (q|k|v, gate|up) in one call, with DoRA's magnitude scale in the epilogue.
+slices (q|k|v, gate|up) in one call, with DoRA's magnitude scale in the epilogue and
+every adapter's B read from rank pages (kernels/rank_pages.py).
 
 `expand_ref` is the Semantics and the CPU backend; the Triton kernel and its launcher
 (`expand`) are drop-in on CUDA.
@@ -8,8 +9,9 @@ Kernel layout: one program per (tile of <= BLOCK_M tokens of one slot, from the
 mapping's tile list) × (tile of BLOCK_N output columns). The column tiles of all slices
 are numbered one after another (slice i owns ceil(out_i / BLOCK_N) of them), so slices
 of unequal widths (4096 | 1024 | 1024) share one launch and no tile straddles two slices.
-The K loop runs over the slot's own rank rounded up to 16, so adapters of rank 8 and
-128 share a launch without the small ones paying for the large. The grid depends only
+The K loop runs over the slot's own pages (its rank rounded up to 16), one page of Bᵀ,
+a contiguous [16, out_i] block, per step, so adapters of rank 8 and 128 share a launch
+without the small ones paying for the large. The grid depends only
 on host integers (see kernels/mapping.py), so a captured launch replays with any mapping
 of the same token count. Base-only tiles exit at once: their rows are never touched.
 """
@@ -23,35 +25,36 @@ import triton
 import triton.language as tl
 
 from loraplex.kernels.mapping import LoraMapping
+from loraplex.kernels.rank_pages import RANK_PAGE, check_table, rows_of
 
 MAX_SLICES_PER_LAUNCH = 3  # q|k|v, the widest fused module of the Llama family; more slices take more launches
 # Output columns per program. 128 bf16 columns of y are 256 B per row (full cache lines);
 # the decode qkv case (6144 columns, 64 one-token tiles) still gets 3072 programs.
 # Chosen by reasoning, not yet measured on a GPU (bench/lora_kernels.py).
 BLOCK_N = 128
-# Rank step: the issue asks for each slot's rank rounded up to 16, and 16 is the K of
-# one bf16 tensor-core dot.
-BLOCK_K = 16
+# Rank step: one rank page (16 rows, the K of one bf16 tensor-core dot).
+BLOCK_K = RANK_PAGE
 
 
 @triton.jit
 def _expand_kernel(
     y_ptr,  # [T, sum(out_i)] (columns of this launch's first slice start here), unit column stride
-    t_ptr,  # [N_SLICES, T, R] float32 or bf16, contiguous
-    b0_ptr,  # [S, out_0, R] contiguous
-    b1_ptr,  # [S, out_1, R] (aliases b0 when N_SLICES < 2)
-    b2_ptr,  # [S, out_2, R] (aliases b0 when N_SLICES < 3)
+    t_ptr,  # [N_SLICES, T, R] float32 or bf16, contiguous; R = MP * 16
+    b0_ptr,  # [P, 16, out_0] contiguous rank pages of Bᵀ
+    b1_ptr,  # [P, 16, out_1] (aliases b0 when N_SLICES < 2)
+    b2_ptr,  # [P, 16, out_2] (aliases b0 when N_SLICES < 3)
     g0_ptr,  # [S, out_0] DoRA magnitude scale (unused unless HAS_G)
     g1_ptr,  # [S, out_1]
     g2_ptr,  # [S, out_2]
     scales_ptr,  # [N_SLICES, S] float32, contiguous
-    ranks_ptr,  # [N_SLICES, S] int32 (unused unless HAS_RANKS)
+    table_ptr,  # [N_SLICES, S, MP] int32 page ids
+    ranks_ptr,  # [N_SLICES, S] int32
     sorted_tokens_ptr,  # [T] int32
     tile_slots_ptr,  # [G] int32, slot, -1 base tile, -2 empty
     tile_starts_ptr,  # [G] int32
     tile_ends_ptr,  # [G] int32
     num_tokens,  # T
-    max_rank,  # R
+    max_pages,  # MP
     num_slots,  # S
     stride_yt,
     w0,  # out_0
@@ -59,7 +62,6 @@ def _expand_kernel(
     w2,  # out_2 (0 when N_SLICES < 3)
     N_SLICES: tl.constexpr,
     HAS_G: tl.constexpr,
-    HAS_RANKS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -92,10 +94,8 @@ def _expand_kernel(
             b_ptr = b2_ptr
             g_ptr = g2_ptr
 
-    if HAS_RANKS:
-        rank = tl.minimum(tl.load(ranks_ptr + sl * num_slots + slot_c), max_rank)
-    else:
-        rank = max_rank
+    max_rank = max_pages * BLOCK_K  # R, the width of t
+    rank = tl.minimum(tl.load(ranks_ptr + sl * num_slots + slot_c), max_rank)
     k_stop = tl.cdiv(rank, BLOCK_K) * BLOCK_K  # the slot's rank rounded up to 16
     scale = tl.load(scales_ptr + sl * num_slots + slot_c)
 
@@ -108,10 +108,12 @@ def _expand_kernel(
     n_mask = offs_n < width
 
     t_base = t_ptr + sl.to(tl.int64) * num_tokens * max_rank  # t[slice], [T, R]
-    b_base = b_ptr + slot_c * width * max_rank  # B[slot], [out, R]
+    pages = table_ptr + (sl * num_slots + slot_c) * max_pages  # this slot's page ids
+    offs_p = tl.arange(0, BLOCK_K)  # [BK] rows within a page
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # [BM, BN]
     for k in range(0, k_stop, BLOCK_K):
-        offs_k = k + tl.arange(0, BLOCK_K)  # [BK]
+        page = tl.load(pages + k // BLOCK_K).to(tl.int64)
+        offs_k = k + offs_p  # [BK]
         k_mask = offs_k < rank
         tt = tl.load(
             t_base + rows[:, None] * max_rank + offs_k[None, :],
@@ -119,10 +121,10 @@ def _expand_kernel(
             other=0.0,
         ).to(tl.float32)  # [BM, BK]
         bt = tl.load(
-            b_base + offs_n[None, :] * max_rank + offs_k[:, None],
+            b_ptr + page * BLOCK_K * width + offs_p[:, None] * width + offs_n[None, :],
             mask=n_mask[None, :] & k_mask[:, None],
             other=0.0,
-        ).to(tl.float32)  # [BK, BN] = B[slot, n, k]ᵀ
+        ).to(tl.float32)  # [BK, BN] = Bᵀ[rank rows k.., columns n]
         acc += tl.dot(tt, bt, input_precision=PRECISION)
 
     mask = m_mask[:, None] & n_mask[None, :]
@@ -136,15 +138,16 @@ def _expand_kernel(
 
 def expand(
     y: torch.Tensor,  # [T, sum(out_i)], updated in place
-    t: torch.Tensor,  # [n_slices, T, R] float32 (or bf16), from shrink
-    b_stacks: Sequence[torch.Tensor],  # n_slices × [S, out_i, R]
+    t: torch.Tensor,  # [n_slices, T, MP * 16] float32 (or bf16), from shrink
+    bt_pages: Sequence[torch.Tensor],  # n_slices × [P_i, 16, out_i] rank pages of Bᵀ
+    page_table: torch.Tensor,  # [n_slices, S, MP] int32
+    ranks: torch.Tensor,  # [n_slices, S] int32
     scales: torch.Tensor,  # [n_slices, S] float32
     g: Sequence[torch.Tensor] | None,  # n_slices × [S, out_i] (ones for non-DoRA slots), or None
     mapping: LoraMapping,
-    ranks: torch.Tensor | None = None,  # [n_slices, S] int32; columns past a slot's rank are zero and skipped
 ) -> None:
     """Triton `expand_ref`: same Semantics, all slices in one launch (up to 3)."""
-    n_slices = len(b_stacks)
+    n_slices = len(bt_pages)
     if n_slices == 0:
         raise ValueError("expand needs at least one slice")
     if y.dim() != 2 or y.stride(1) != 1:
@@ -152,15 +155,16 @@ def expand(
     if y.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"y dtype {y.dtype} not supported (fp32, bf16, fp16)")
     num_tokens = y.shape[0]
-    num_slots, _, max_rank = b_stacks[0].shape
-    widths = [b.shape[1] for b in b_stacks]
-    for b in b_stacks:
-        if b.dim() != 3 or (b.shape[0], b.shape[2]) != (num_slots, max_rank) or not b.is_contiguous():
-            raise ValueError(f"B stacks must be contiguous [S, out_i, R], got {tuple(b.shape)}")
+    widths = [b.shape[-1] for b in bt_pages]
+    for b in bt_pages:
+        if b.dim() != 3 or b.shape[1] != RANK_PAGE or not b.is_contiguous():
+            raise ValueError(f"Bᵀ pages must be contiguous [P, {RANK_PAGE}, out_i], got {tuple(b.shape)}")
         if b.dtype != y.dtype or b.device != y.device:
-            raise ValueError(f"B stacks must have y's dtype and device, got {b.dtype} on {b.device}")
+            raise ValueError(f"Bᵀ pages must have y's dtype and device, got {b.dtype} on {b.device}")
     if sum(widths) != y.shape[1]:
         raise ValueError(f"output slices cover {sum(widths)} columns but y has {y.shape[1]}")
+    num_slots, max_pages = check_table(page_table, ranks, n_slices)
+    max_rank = max_pages * RANK_PAGE
     if t.shape != (n_slices, num_tokens, max_rank) or t.dtype not in (torch.float32, torch.bfloat16):
         want = f"[{n_slices}, {num_tokens}, {max_rank}]"
         raise ValueError(f"t must be float32/bf16 {want}, got {tuple(t.shape)} {t.dtype}")
@@ -174,9 +178,6 @@ def expand(
         for gi, w in zip(g, widths):
             if gi.shape != (num_slots, w) or not gi.is_contiguous() or gi.dtype != g[0].dtype:
                 raise ValueError(f"g slices must be contiguous [S, out_i] of one dtype, got {tuple(gi.shape)}")
-    if ranks is not None:
-        if ranks.shape != (n_slices, num_slots) or ranks.dtype != torch.int32 or not ranks.is_contiguous():
-            raise ValueError(f"ranks must be contiguous int32 [{n_slices}, {num_slots}]")
     if mapping.num_slots != num_slots or mapping.num_tokens != num_tokens:
         raise ValueError(f"mapping is for {mapping.num_tokens} tokens / {mapping.num_slots} slots")
     if not mapping.any_adapter or num_tokens == 0:
@@ -189,23 +190,21 @@ def expand(
         i1 = min(i0 + MAX_SLICES_PER_LAUNCH, n_slices)
         nc = i1 - i0
         pad = MAX_SLICES_PER_LAUNCH - nc
-        bs = list(b_stacks[i0:i1]) + [b_stacks[i0]] * pad
+        bs = list(bt_pages[i0:i1]) + [bt_pages[i0]] * pad
         gs = (list(g[i0:i1]) + [g[i0]] * pad) if g is not None else [scales] * MAX_SLICES_PER_LAUNCH
         ws = widths[i0:i1] + [0] * pad
         n_col_tiles = sum(triton.cdiv(w, BLOCK_N) for w in ws)
         grid = (num_tiles, n_col_tiles)
         _expand_kernel[grid](
-            y[:, col:], t[i0:i1], *bs, *gs, scales[i0:i1],
-            ranks[i0:i1] if ranks is not None else scales,
+            y[:, col:], t[i0:i1], *bs, *gs, scales[i0:i1], page_table[i0:i1], ranks[i0:i1],
             mapping.sorted_tokens, tile_slots, tile_starts, tile_ends,
-            num_tokens, max_rank, num_slots, y.stride(0), *ws,
+            num_tokens, max_pages, num_slots, y.stride(0), *ws,
             N_SLICES=nc,
             HAS_G=g is not None,
-            HAS_RANKS=ranks is not None,
             BLOCK_M=block_m,
             BLOCK_N=BLOCK_N,
             BLOCK_K=BLOCK_K,
-            # 16-bit stacks: B is exact in tf32 and t keeps fp32's range (never fp16);
+            # 16-bit pages: B is exact in tf32 and t keeps fp32's range (never fp16);
             # its 11-bit mantissa is below the bf16/fp16 rounding of y.
             PRECISION="ieee" if y.dtype == torch.float32 else "tf32",
             num_warps=4,
@@ -215,40 +214,43 @@ def expand(
 
 def expand_ref(
     y: torch.Tensor,  # [T, sum(out_i)], updated in place
-    t: torch.Tensor,  # [n_slices, T, R] float32 (or bf16), from shrink
-    b_stacks: Sequence[torch.Tensor],  # n_slices × [S, out_i, R]
+    t: torch.Tensor,  # [n_slices, T, MP * 16] float32 (or bf16), from shrink
+    bt_pages: Sequence[torch.Tensor],  # n_slices × [P_i, 16, out_i] rank pages of Bᵀ
+    page_table: torch.Tensor,  # [n_slices, S, MP] int32
+    ranks: torch.Tensor,  # [n_slices, S] int32
     scales: torch.Tensor,  # [n_slices, S] float32
     g: Sequence[torch.Tensor] | None,  # n_slices × [S, out_i] (ones for non-DoRA slots), or None
     mapping: LoraMapping,
-    ranks: torch.Tensor | None = None,  # [n_slices, S] int32; columns past a slot's rank are not read
 ) -> None:
     """Semantics, for each slice i with output columns [o_i, o_i + out_i) of y:
 
         for tok in range(T):
-            s = mapping.token_slots[tok]
+            s = mapping.token_slots[tok]; r = ranks[i, s]
             if s < 0: continue                          # base-only rows are untouched
-            d = scales[i, s] * (t[i, tok].float() @ B_i[s].float().T)
+            Bt = rows 0..r-1 of bt_pages[i][page_table[i, s, :ceil(r / 16)]]   # [r, out_i]
+            d = scales[i, s] * (t[i, tok, :r].float() @ Bt.float())
             v = y[tok, o_i:o_i+out_i].float() + d
             if g is not None: v = g[i][s].float() * v
             y[tok, o_i:o_i+out_i] = v.to(y.dtype)
     """
     if not mapping.any_adapter or y.shape[0] == 0:
         return
-    widths = [b.shape[1] for b in b_stacks]
+    widths = [b.shape[-1] for b in bt_pages]
     offsets = [sum(widths[:i]) for i in range(len(widths))]
     if sum(widths) != y.shape[1]:
         raise ValueError(f"output slices cover {sum(widths)} columns but y has {y.shape[1]}")
+    max_rank = page_table.shape[2] * RANK_PAGE
     # One matmul per adapter in the batch (the CPU backend: few distinct adapters per step).
     slots = mapping.token_slots.long()  # [T]
-    rank_of = ranks.tolist() if ranks is not None else None  # n_slices × [S]
-    scale_of = scales.tolist()  # n_slices × [S]
+    table, rank_of, scale_of = page_table.tolist(), ranks.tolist(), scales.tolist()
     for s in torch.unique(slots[slots >= 0]).tolist():
         rows = (slots == s).nonzero().squeeze(1)  # [T_s]
-        for i, b in enumerate(b_stacks):
-            r = rank_of[i][s] if rank_of is not None else b.shape[2]
+        for i, pages in enumerate(bt_pages):
+            r = min(rank_of[i][s], max_rank)
             cols = slice(offsets[i], offsets[i] + widths[i])
-            delta = t[i, rows, :r].float() @ b[s, :, :r].float().T  # [T_s, out_i]
-            v = y[rows, cols].float() + scale_of[i][s] * delta
+            v = y[rows, cols].float()  # [T_s, out_i]
+            if r > 0:
+                v += scale_of[i][s] * (t[i, rows, :r].float() @ rows_of(pages, table[i][s], r).float())
             if g is not None:
                 v = g[i][s].float() * v
             y[rows, cols] = v.to(y.dtype)

@@ -1,4 +1,5 @@
-"""shrink: the first half of the adapter delta, t = x @ A[slot(token)]ᵀ, for many slices.
+"""shrink: the first half of the adapter delta, t = x @ A[slot(token)]ᵀ, for many slices,
+with every adapter's A read from rank pages (kernels/rank_pages.py).
 
 `shrink_ref` is the Semantics and the CPU backend; the Triton kernel and its launcher
 (`shrink`) are drop-in on CUDA. Both take an optional preallocated `out`.
@@ -9,7 +10,9 @@ tile, so each x tile is loaded once for all of them. The tile list comes from th
 mapping (kernels/mapping.py); its length is a host-known bound, so the grid never
 depends on the slot values and a launch captured in a CUDA graph stays valid for every
 mapping of the same token count. Programs past the last tile exit at once; base-only
-tiles, and rank tiles past the slot's rank, write zeros without reading A. Split-K
+tiles, and rank tiles past the slot's rank, write zeros without reading A. A rank
+tile's rows come from the slot's pages through the page table (one gather of page ids
+per program, outside the K loop); each page is a contiguous [16, in] block. Split-K
 partial sums are added in a fixed order by a second op (no float atomics). The launcher
 never reads a device tensor back.
 """
@@ -23,6 +26,7 @@ import triton
 import triton.language as tl
 
 from loraplex.kernels.mapping import LoraMapping
+from loraplex.kernels.rank_pages import RANK_PAGE, check_table, rows_of
 
 MAX_SLICES_PER_LAUNCH = 3  # q|k|v, the widest fused module of the Llama family; more slices take more launches
 # Bytes of A per pipeline stage (all slices): 24 KiB keeps 3 stages plus the x tile
@@ -31,10 +35,18 @@ A_STAGE_BYTES = 24 << 10
 
 
 @triton.jit
-def _slice_dot(acc, xt, a_ptr, slot_c, rank, offs_n, offs_k, k_mask, max_rank, in_features, DOT_FP32: tl.constexpr):
-    """acc [BM, BN] += xt [BM, BK] @ A[slot, offs_n, offs_k]ᵀ, rows past `rank` never read."""
+def _page_rows(table_ptr, ranks_ptr, i, slot_c, offs_n, num_slots, max_pages, in_features, PAGE: tl.constexpr):
+    """(rank, [BN] element offsets of rank rows offs_n in slice i's pages) for one slot."""
+    rank = tl.minimum(tl.load(ranks_ptr + i * num_slots + slot_c), max_pages * PAGE)
+    page = tl.load(table_ptr + (i * num_slots + slot_c) * max_pages + offs_n // PAGE, mask=offs_n < rank, other=0)
+    return rank, page.to(tl.int64) * (PAGE * in_features) + (offs_n % PAGE) * in_features
+
+
+@triton.jit
+def _slice_dot(acc, xt, a_ptr, row_offs, rank, offs_n, offs_k, k_mask, DOT_FP32: tl.constexpr):
+    """acc [BM, BN] += xt [BM, BK] @ A[rank rows offs_n, offs_k]ᵀ, rows past `rank` never read."""
     at = tl.load(
-        a_ptr + slot_c * max_rank * in_features + offs_n[None, :] * in_features + offs_k[:, None],
+        a_ptr + row_offs[None, :] + offs_k[:, None],
         mask=(offs_n < rank)[None, :] & k_mask[:, None],
         other=0.0,
     )  # [BK, BN]
@@ -48,23 +60,24 @@ def _slice_dot(acc, xt, a_ptr, slot_c, rank, offs_n, offs_k, k_mask, max_rank, i
 @triton.jit
 def _shrink_kernel(
     x_ptr,  # [T, in], row stride stride_xt, unit column stride
-    a0_ptr,  # [S, R, in] contiguous, slice 0
-    a1_ptr,  # [S, R, in] slice 1 (aliases a0 when N_SLICES < 2)
-    a2_ptr,  # [S, R, in] slice 2 (aliases a0 when N_SLICES < 3)
-    out_ptr,  # [SPLIT_K, N_SLICES, T, R] float32, contiguous
-    ranks_ptr,  # [N_SLICES, S] int32 (unused unless HAS_RANKS)
+    a0_ptr,  # [P, 16, in] contiguous rank pages, slice 0
+    a1_ptr,  # [P, 16, in] slice 1 (aliases a0 when N_SLICES < 2)
+    a2_ptr,  # [P, 16, in] slice 2 (aliases a0 when N_SLICES < 3)
+    out_ptr,  # [SPLIT_K, N_SLICES, T, R] float32, contiguous; R = MP * 16
+    table_ptr,  # [N_SLICES, S, MP] int32 page ids
+    ranks_ptr,  # [N_SLICES, S] int32
     sorted_tokens_ptr,  # [T] int32
     tile_slots_ptr,  # [G] int32, slot, -1 base tile, -2 empty
     tile_starts_ptr,  # [G] int32
     tile_ends_ptr,  # [G] int32
     num_tokens,  # T
     in_features,  # in
-    max_rank,  # R
+    max_pages,  # MP
     num_slots,  # S
     stride_xt,
     k_per_split,  # in-features per K split, a multiple of BLOCK_K
     N_SLICES: tl.constexpr,
-    HAS_RANKS: tl.constexpr,
+    PAGE: tl.constexpr,  # rank rows per page
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -85,16 +98,15 @@ def _shrink_kernel(
     rows = tl.load(sorted_tokens_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)  # [BM] token ids
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] rank columns
 
-    # each slice's rank for this slot (rows of A past it are zero padding: never read)
-    rank0 = max_rank
-    rank1 = max_rank
-    rank2 = max_rank
-    if HAS_RANKS:
-        rank0 = tl.minimum(tl.load(ranks_ptr + slot_c), max_rank)
-        if N_SLICES > 1:
-            rank1 = tl.minimum(tl.load(ranks_ptr + num_slots + slot_c), max_rank)
-        if N_SLICES > 2:
-            rank2 = tl.minimum(tl.load(ranks_ptr + 2 * num_slots + slot_c), max_rank)
+    # each slice's rank for this slot and where its rank rows offs_n live (rows past the
+    # rank are masked: never read)
+    rank0, rows0 = _page_rows(table_ptr, ranks_ptr, 0, slot_c, offs_n, num_slots, max_pages, in_features, PAGE)
+    rank1, rows1 = rank0, rows0
+    rank2, rows2 = rank0, rows0
+    if N_SLICES > 1:
+        rank1, rows1 = _page_rows(table_ptr, ranks_ptr, 1, slot_c, offs_n, num_slots, max_pages, in_features, PAGE)
+    if N_SLICES > 2:
+        rank2, rows2 = _page_rows(table_ptr, ranks_ptr, 2, slot_c, offs_n, num_slots, max_pages, in_features, PAGE)
     top = rank0
     if N_SLICES > 1:
         top = tl.maximum(top, rank1)
@@ -118,12 +130,13 @@ def _shrink_kernel(
         )  # [BM, BK], loaded once for all slices
         if DOT_FP32:
             xt = xt.to(tl.float32)
-        acc0 = _slice_dot(acc0, xt, a0_ptr, slot_c, rank0, offs_n, offs_k, k_mask, max_rank, in_features, DOT_FP32)
+        acc0 = _slice_dot(acc0, xt, a0_ptr, rows0, rank0, offs_n, offs_k, k_mask, DOT_FP32)
         if N_SLICES > 1:
-            acc1 = _slice_dot(acc1, xt, a1_ptr, slot_c, rank1, offs_n, offs_k, k_mask, max_rank, in_features, DOT_FP32)
+            acc1 = _slice_dot(acc1, xt, a1_ptr, rows1, rank1, offs_n, offs_k, k_mask, DOT_FP32)
         if N_SLICES > 2:
-            acc2 = _slice_dot(acc2, xt, a2_ptr, slot_c, rank2, offs_n, offs_k, k_mask, max_rank, in_features, DOT_FP32)
+            acc2 = _slice_dot(acc2, xt, a2_ptr, rows2, rank2, offs_n, offs_k, k_mask, DOT_FP32)
 
+    max_rank = max_pages * PAGE  # R, the width of t
     slice_stride = num_tokens * max_rank
     out_ptrs = out_ptr + split.to(tl.int64) * N_SLICES * slice_stride + rows[:, None] * max_rank + offs_n[None, :]
     mask = m_mask[:, None] & (offs_n < max_rank)[None, :]
@@ -168,15 +181,16 @@ def _split_k(programs: int, in_features: int, block_k: int, device: torch.device
 
 def shrink(
     x: torch.Tensor,  # [T, in]
-    a_stacks: Sequence[torch.Tensor],  # n_slices × [S, R, in]
+    a_pages: Sequence[torch.Tensor],  # n_slices × [P_i, 16, in] rank pages of A
+    page_table: torch.Tensor,  # [n_slices, S, MP] int32
+    ranks: torch.Tensor,  # [n_slices, S] int32
     mapping: LoraMapping,
-    ranks: torch.Tensor | None = None,  # [n_slices, S] int32; rows past a slot's rank are zero and skipped
     *,
-    out: torch.Tensor | None = None,  # [n_slices, T, R] float32, written (allocated if None)
+    out: torch.Tensor | None = None,  # [n_slices, T, MP * 16] float32, written (allocated if None)
     split_k: int | None = None,  # K splits (None: chosen from the shapes); reduced deterministically
-) -> torch.Tensor:  # [n_slices, T, R] float32
+) -> torch.Tensor:  # [n_slices, T, MP * 16] float32
     """Triton `shrink_ref`: same Semantics, every element of the output written."""
-    n_slices = len(a_stacks)
+    n_slices = len(a_pages)
     if n_slices == 0:
         raise ValueError("shrink needs at least one slice")
     if x.dim() != 2 or x.stride(1) != 1:
@@ -184,19 +198,15 @@ def shrink(
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"x dtype {x.dtype} not supported (fp32, bf16, fp16)")
     num_tokens, in_features = x.shape
-    num_slots, max_rank, in_a = a_stacks[0].shape
-    for a in a_stacks:
-        if a.shape != (num_slots, max_rank, in_a) or a.dtype != x.dtype or a.device != x.device:
-            raise ValueError(f"A stacks must all be [S, R, in] of x's dtype and device, got {tuple(a.shape)} {a.dtype}")
+    for a in a_pages:
+        if a.dim() != 3 or a.shape[1:] != (RANK_PAGE, in_features) or a.dtype != x.dtype or a.device != x.device:
+            raise ValueError(f"A pages must be [P, {RANK_PAGE}, {in_features}] of x's dtype and device, got {tuple(a.shape)} {a.dtype}")
         if not a.is_contiguous():
-            raise ValueError("A stacks must be contiguous")
-    if in_a != in_features:
-        raise ValueError(f"A stacks take {in_a} input features, x has {in_features}")
+            raise ValueError("A pages must be contiguous")
+    num_slots, max_pages = check_table(page_table, ranks, n_slices)
+    max_rank = max_pages * RANK_PAGE  # R, the width of t
     if mapping.num_slots != num_slots or mapping.num_tokens != num_tokens:
         raise ValueError(f"mapping is for {mapping.num_tokens} tokens / {mapping.num_slots} slots")
-    if ranks is not None:
-        if ranks.shape != (n_slices, num_slots) or ranks.dtype != torch.int32 or not ranks.is_contiguous():
-            raise ValueError(f"ranks must be contiguous int32 [{n_slices}, {num_slots}]")
     if out is None:
         out = torch.empty(n_slices, num_tokens, max_rank, dtype=torch.float32, device=x.device)
     elif out.shape != (n_slices, num_tokens, max_rank) or out.dtype != torch.float32 or not out.is_contiguous():
@@ -207,7 +217,7 @@ def shrink(
     block_m, tile_slots, tile_starts, tile_ends = mapping.tiles()
     num_tiles = tile_slots.shape[0]  # G, a host bound (never read from the device)
     for i0 in range(0, n_slices, MAX_SLICES_PER_LAUNCH):
-        chunk = list(a_stacks[i0 : i0 + MAX_SLICES_PER_LAUNCH])
+        chunk = list(a_pages[i0 : i0 + MAX_SLICES_PER_LAUNCH])
         nc = len(chunk)
         block_n, block_k, num_warps = _blocks(block_m, max_rank, nc, x.element_size())
         n_rank_tiles = triton.cdiv(max_rank, block_n)
@@ -219,13 +229,12 @@ def shrink(
         chunk += [chunk[0]] * (MAX_SLICES_PER_LAUNCH - nc)
         grid = (num_tiles, n_rank_tiles, sk)
         _shrink_kernel[grid](
-            x, *chunk, dst,
-            ranks[i0 : i0 + nc] if ranks is not None else out,
+            x, *chunk, dst, page_table[i0 : i0 + nc], ranks[i0 : i0 + nc],
             mapping.sorted_tokens, tile_slots, tile_starts, tile_ends,
-            num_tokens, in_features, max_rank, num_slots,
+            num_tokens, in_features, max_pages, num_slots,
             x.stride(0), k_per_split,
             N_SLICES=nc,
-            HAS_RANKS=ranks is not None,
+            PAGE=RANK_PAGE,
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             BLOCK_K=block_k,
@@ -241,36 +250,40 @@ def shrink(
 
 def shrink_ref(
     x: torch.Tensor,  # [T, in]
-    a_stacks: Sequence[torch.Tensor],  # n_slices × [S, R, in]
+    a_pages: Sequence[torch.Tensor],  # n_slices × [P_i, 16, in] rank pages of A
+    page_table: torch.Tensor,  # [n_slices, S, MP] int32
+    ranks: torch.Tensor,  # [n_slices, S] int32
     mapping: LoraMapping,
-    ranks: torch.Tensor | None = None,  # [n_slices, S] int32; rows past a slot's rank are not read
     *,
-    out: torch.Tensor | None = None,  # [n_slices, T, R] float32, written (allocated if None)
-) -> torch.Tensor:  # [n_slices, T, R] float32
+    out: torch.Tensor | None = None,  # [n_slices, T, MP * 16] float32, written (allocated if None)
+) -> torch.Tensor:  # [n_slices, T, MP * 16] float32
     """Semantics:
 
-        for i, A in enumerate(a_stacks):
+        for i, pages in enumerate(a_pages):
             for tok in range(T):
-                s = mapping.token_slots[tok]
-                t[i, tok] = x[tok].float() @ A[s].float().T if s >= 0 else 0
+                s = mapping.token_slots[tok]; r = ranks[i, s]
+                A = rows 0..r-1 of pages[page_table[i, s, :ceil(r / 16)]]   # [r, in]
+                t[i, tok, :r] = x[tok].float() @ A.float().T if s >= 0 else 0
+                t[i, tok, r:] = 0
 
-    Accumulates in fp32 and returns fp32 (never fp16).
+    Accumulates in fp32 and returns fp32 (never fp16). Page rows past the rank are not read.
     """
     num_tokens = x.shape[0]
-    max_rank = a_stacks[0].shape[1]
+    max_rank = page_table.shape[2] * RANK_PAGE
     if out is None:
-        out = torch.zeros(len(a_stacks), num_tokens, max_rank, dtype=torch.float32, device=x.device)
+        out = torch.zeros(len(a_pages), num_tokens, max_rank, dtype=torch.float32, device=x.device)
     else:
         out.zero_()
     if not mapping.any_adapter or num_tokens == 0:
         return out
     # One matmul per adapter in the batch (the CPU backend: few distinct adapters per step).
     slots = mapping.token_slots.long()  # [T]
-    rank_of = ranks.tolist() if ranks is not None else None  # n_slices × [S]
+    table, rank_of = page_table.tolist(), ranks.tolist()  # n_slices × [S × [MP]], n_slices × [S]
     for s in torch.unique(slots[slots >= 0]).tolist():
         rows = (slots == s).nonzero().squeeze(1)  # [T_s]
         xs = x[rows].float()  # [T_s, in]
-        for i, a in enumerate(a_stacks):
-            r = rank_of[i][s] if rank_of is not None else max_rank
-            out[i, rows, :r] = xs @ a[s, :r].float().T  # [T_s, r]
+        for i, pages in enumerate(a_pages):
+            r = min(rank_of[i][s], max_rank)
+            if r > 0:
+                out[i, rows, :r] = xs @ rows_of(pages, table[i][s], r).float().T  # [T_s, r]
     return out

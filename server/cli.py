@@ -127,8 +127,8 @@ cancelled), and the process exits 0. A second signal exits at once (status 1).""
     e.add_argument("--max-running", type=int, default=d["max_running"], help="requests in the running batch")
     e.add_argument("--max-queue", type=int, default=d["max_queue"], help="waiting requests before RESOURCE_EXHAUSTED")
     e.add_argument("--kv-cache-tokens", type=int, default=d["kv_cache_tokens"], help="KV cache size in tokens")
-    e.add_argument("--adapter-slots", type=int, default=d["adapter_slots"], help="adapters resident on the device at once")
-    e.add_argument("--adapter-pool-mb", type=int, default=d["adapter_pool_bytes"] >> 20, help="device memory budget of the adapter pool, MiB")
+    e.add_argument("--adapter-slots", type=int, default=d["adapter_slots"], help="adapters resident on the device at once (each also takes rank pages from the pool)")
+    e.add_argument("--adapter-pool-mb", type=int, default=d["adapter_pool_bytes"] >> 20, help="device memory of the adapter pool, MiB: adapters take it by rank, in pages of 16 rank rows per target module")
     e.add_argument("--max-rank", type=int, default=d["max_rank"], help="largest adapter rank accepted")
     e.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"], help="cap on a request's max_new_tokens")
     e.add_argument("--lora-backend", choices=("auto", "torch", "triton"), default=d["lora_backend"],

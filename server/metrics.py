@@ -58,6 +58,8 @@ class EngineCollector(Collector):
             ("loraplex_kv_blocks_free", "KV cache blocks free", s.kv_blocks_total - s.kv_blocks_used),
             ("loraplex_adapters_known", "Adapters registered in the catalog", s.adapters_known),
             ("loraplex_adapters_resident", "Adapters resident in the device adapter pool", s.adapters_resident),
+            ("loraplex_adapter_pages_used", "Rank pages (16 rank rows of one target module) held by resident adapters", s.adapter_pages_used),
+            ("loraplex_adapter_pages_free", "Rank pages free in the device adapter pool", s.adapter_pages_total - s.adapter_pages_used),
         )
         for name, doc, value in gauges:
             yield GaugeMetricFamily(name, doc, value=value)

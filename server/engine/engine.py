@@ -20,6 +20,7 @@ import torch
 
 from loraplex.adapters.pool import AdapterPool
 from loraplex.kernels.backend import lora_ops
+from loraplex.kernels.rank_pages import pages_for
 from loraplex.server.engine.block_manager import BlockManager
 from loraplex.server.engine.catalog import AdapterCatalog
 from loraplex.server.engine.config import EngineConfig
@@ -43,7 +44,7 @@ from loraplex.server.engine.scheduler import Scheduler, SchedulerConfig
 from loraplex.server.engine.sequence import Sequence
 from loraplex.server.engine.tokenizer import Tokenizer
 from loraplex.server.model.config import ModelConfig
-from loraplex.server.model.llama import adapter_slot_bytes
+from loraplex.server.model.llama import adapter_page_bytes, adapter_slot_bytes
 from loraplex.server.model.loader import LoadSpec, load_model
 from loraplex.server.model.quantize import QuantSpec
 
@@ -60,11 +61,30 @@ class EngineStats:
     adapters_known: int
     adapters_resident: int
     adapter_pins: int
+    adapter_pages_used: int  # rank pages held by resident adapters, all target modules
+    adapter_pages_total: int
     adapter_loads: int  # cumulative
     adapter_evictions: int  # cumulative
     adapter_load_failures: int  # cumulative
     preemptions: int  # cumulative
     steps: int  # cumulative
+
+
+def adapter_pool_size(config: EngineConfig, model_config: ModelConfig, dtype: torch.dtype) -> tuple[int, int]:
+    """(slots, rank pages per target module) that adapter_pool_bytes holds: every slot's
+    own state, then pages, at most enough for every slot to hold an adapter of max_rank."""
+    slot_bytes = adapter_slot_bytes(model_config, dtype)
+    page_bytes = adapter_page_bytes(model_config, dtype)
+    max_pages = pages_for(config.max_rank)
+    pages = min(config.adapter_slots * max_pages, (config.adapter_pool_bytes - config.adapter_slots * slot_bytes) // page_bytes)
+    if pages < max_pages:
+        need = config.adapter_slots * slot_bytes + max_pages * page_bytes
+        raise ValueError(
+            f"adapter_pool_bytes {config.adapter_pool_bytes} cannot hold one adapter of rank {config.max_rank} beside "
+            f"{config.adapter_slots} slots: it needs at least {need} bytes on this model "
+            f"(raise --adapter-pool-mb, or lower --max-rank or --adapter-slots)"
+        )
+    return config.adapter_slots, pages
 
 
 class Engine:
@@ -73,7 +93,7 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.blocks = BlockManager(config.num_blocks, config.block_size)
-        self.pool = AdapterPool(model.num_slots, model.load_adapter, model.clear_adapter)
+        self.pool = AdapterPool(model.num_slots, model.load_adapter, model.clear_adapter, pages=model)
         self._retired: list = []
         self.adapters = AdapterCatalog(
             model,
@@ -103,11 +123,11 @@ class Engine:
     def from_config(cls, config: EngineConfig) -> "Engine":
         device, dtype = config.torch_device, config.torch_dtype
         model_config = ModelConfig.from_pretrained(config.model_dir)
-        per_slot = adapter_slot_bytes(model_config, config.max_rank, dtype)
-        slots = min(config.adapter_slots, config.adapter_pool_bytes // per_slot)
-        if slots < 1:
-            raise ValueError(f"adapter_pool_bytes {config.adapter_pool_bytes} is below one slot ({per_slot} bytes at rank {config.max_rank})")
-        spec = LoadSpec(QuantSpec(mode=config.quantize), dtype, str(device), slots, config.max_rank, config.nf4_backend)
+        slots, pages = adapter_pool_size(config, model_config, dtype)
+        spec = LoadSpec(
+            QuantSpec(mode=config.quantize), dtype, str(device),
+            num_slots=slots, max_rank=config.max_rank, num_pages=pages, nf4_backend=config.nf4_backend,
+        )  # fmt: skip
         model = load_model(config.model_dir, spec)
         engine = cls(config, model, Tokenizer(config.model_dir))
         if config.adapter_root is not None:
@@ -163,6 +183,7 @@ class Engine:
         return self.submit(request).result(timeout)
 
     def stats(self) -> EngineStats:
+        free = self.model.pages_free()  # [modules]
         return EngineStats(
             queue_depth=self._waiting_count,
             max_queue=self.config.max_queue,
@@ -172,6 +193,8 @@ class Engine:
             adapters_known=len(self.adapters),
             adapters_resident=len(self.pool.resident),
             adapter_pins=self.pool.total_pins,
+            adapter_pages_used=self.model.num_pages * len(free) - sum(free),
+            adapter_pages_total=self.model.num_pages * len(free),
             adapter_loads=self.pool.counters.loads,
             adapter_evictions=self.pool.counters.evictions,
             adapter_load_failures=self.adapters.load_failures,

@@ -1,12 +1,15 @@
 """A group of base linears that read the same input (q|k|v, gate|up, or one alone),
-with the adapter slot stacks of every slice, computed as
+with the adapter storage of every slice, computed as
 
     y = concat_i(base_i(x))                       # [T, sum out_i], shared by all tokens
     t = shrink(x, A_i[slot])                      # [n_slices, T, R]
     y = g_i[slot] ⊙ (y_i + s_i[slot] · t_i B_i[slot]ᵀ)   (per slice, in place; slot -1 untouched)
     y += bias                                     # after g: PEFT's DoRA does not scale the bias
 
-`load(slot, deltas)` and `clear(slot)` are the only writers of the stacks.
+Adapters' A and Bᵀ live in rank pages (kernels/rank_pages.py): each slice has a pool of
+`num_pages` pages and a slot takes ceil(rank / 16) of them, so adapters of small rank
+cost little beside large ones. Scales, ranks, page-table rows and DoRA's g are per slot.
+`load(slot, deltas)` and `clear(slot)` are the only writers.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from torch import nn
 from loraplex.adapters.form import ModuleDelta
 from loraplex.kernels.backend import LoraOps
 from loraplex.kernels.mapping import LoraMapping
+from loraplex.kernels.rank_pages import RANK_PAGE, pages_for, write_rows
+from loraplex.server.model.page_free_list import PageFreeList
 
 
 class AdapterLinear(nn.Module):
@@ -30,50 +35,75 @@ class AdapterLinear(nn.Module):
         in_features: int,
         num_slots: int,
         max_rank: int,
+        num_pages: int,  # rank pages per slice (>= ceil(max_rank / 16))
         dtype: torch.dtype,
         device: torch.device,
     ):
         super().__init__()
+        if num_pages < pages_for(max_rank):
+            raise ValueError(f"{num_pages} rank pages cannot hold one adapter of rank {max_rank}")
         self.names = tuple(names)
         self.bases = nn.ModuleList(bases)
         self.in_features = in_features
         self.widths = [b.out_features for b in bases]
         self.dtype = dtype
+        n = len(bases)
         bias_list = [b if b is not None else torch.zeros(w) for b, w in zip(biases, self.widths)]
         self.bias = torch.cat(bias_list).to(device=device, dtype=dtype) if any(b is not None for b in biases) else None  # [sum out]
-        self.a_stacks = [torch.zeros(num_slots, max_rank, in_features, dtype=dtype, device=device) for _ in bases]  # n × [S, R, in]
-        self.b_stacks = [torch.zeros(num_slots, w, max_rank, dtype=dtype, device=device) for w in self.widths]  # n × [S, out_i, R]
-        self.scales = torch.zeros(len(bases), num_slots, dtype=torch.float32, device=device)  # [n, S]
-        self.ranks = torch.zeros(len(bases), num_slots, dtype=torch.int32, device=device)  # [n, S]
+        self.a_pages = [torch.zeros(num_pages, RANK_PAGE, in_features, dtype=dtype, device=device) for _ in bases]  # n × [P, 16, in]
+        self.bt_pages = [torch.zeros(num_pages, RANK_PAGE, w, dtype=dtype, device=device) for w in self.widths]  # n × [P, 16, out_i]
+        self.page_table = torch.zeros(n, num_slots, pages_for(max_rank), dtype=torch.int32, device=device)  # [n, S, MP]
+        self.scales = torch.zeros(n, num_slots, dtype=torch.float32, device=device)  # [n, S]
+        self.ranks = torch.zeros(n, num_slots, dtype=torch.int32, device=device)  # [n, S]
         self.g_stacks = [torch.ones(num_slots, w, dtype=dtype, device=device) for w in self.widths]  # n × [S, out_i]
         self._dora_slots: set[int] = set()
+        self._free = [PageFreeList(num_pages) for _ in bases]
+        self._pages_of: list[dict[int, list[int]]] = [{} for _ in bases]  # slice -> slot -> page ids
 
-    def slot_bytes(self) -> int:
-        per = sum(a[0].numel() * a.element_size() for a in self.a_stacks) + sum(b[0].numel() * b.element_size() for b in self.b_stacks)
-        return per + sum(g[0].numel() * g.element_size() for g in self.g_stacks)
+    def page_bytes(self) -> int:
+        """Device bytes of one rank page in every slice."""
+        return sum(a[0].numel() * a.element_size() + b[0].numel() * b.element_size() for a, b in zip(self.a_pages, self.bt_pages))
+
+    def free_pages(self) -> list[int]:
+        """Free rank pages per slice."""
+        return [f.free for f in self._free]
+
+    def pages_needed(self, deltas: Sequence[ModuleDelta | None]) -> list[int]:
+        """Rank pages per slice that `load(_, deltas)` takes."""
+        return [pages_for(d.rank) if d is not None else 0 for d in deltas]
+
+    def pages_held(self, slot: int) -> list[int]:
+        """Rank pages per slice that `slot` holds now."""
+        return [len(held.get(slot, ())) for held in self._pages_of]
 
     def load(self, slot: int, deltas: Sequence[ModuleDelta | None]) -> None:
         """Writes one adapter's deltas (one per slice, None = slice not adapted) into `slot`."""
-        self.clear(slot)
+        max_rank = self.page_table.shape[2] * RANK_PAGE
         for i, d in enumerate(deltas):
-            if d is None:
+            if d is not None and d.rank > max_rank:
+                raise ValueError(f"{self.names[i]}: rank {d.rank} exceeds the pool's max rank {max_rank}")
+        self.clear(slot)
+        if any(n > f for n, f in zip(self.pages_needed(deltas), self.free_pages())):
+            raise ValueError(f"{'|'.join(self.names)}: not enough free rank pages ({self.free_pages()} free per slice)")
+        for i, d in enumerate(deltas):
+            if d is None or d.rank == 0:
                 continue
-            r = d.rank
-            if r > self.a_stacks[i].shape[1]:
-                raise ValueError(f"{self.names[i]}: rank {r} exceeds the pool's max rank {self.a_stacks[i].shape[1]}")
-            self.a_stacks[i][slot, :r].copy_(d.a)
-            self.b_stacks[i][slot, :, :r].copy_(d.b)
+            ids = self._free[i].take(pages_for(d.rank))
+            self._pages_of[i][slot] = ids
+            write_rows(self.a_pages[i], ids, d.a)  # [r, in]
+            write_rows(self.bt_pages[i], ids, d.b.t())  # [r, out_i]
+            self.page_table[i, slot, : len(ids)] = torch.tensor(ids, dtype=torch.int32)
             self.scales[i, slot] = d.scale
-            self.ranks[i, slot] = r
+            self.ranks[i, slot] = d.rank
             if d.g is not None:
                 self.g_stacks[i][slot].copy_(d.g)
                 self._dora_slots.add(slot)
 
     def clear(self, slot: int) -> None:
         for i in range(len(self.bases)):
-            self.a_stacks[i][slot].zero_()
-            self.b_stacks[i][slot].zero_()
+            self._free[i].give(self._pages_of[i].pop(slot, []))
             self.g_stacks[i][slot].fill_(1.0)
+        self.page_table[:, slot] = 0
         self.scales[:, slot] = 0.0
         self.ranks[:, slot] = 0
         self._dora_slots.discard(slot)
@@ -83,9 +113,9 @@ class AdapterLinear(nn.Module):
         outs = [base(x) for base in self.bases]
         y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)  # [T, sum out]
         if mapping.any_adapter:
-            t = ops.shrink(x, self.a_stacks, mapping, self.ranks)  # [n, T, R]
+            t = ops.shrink(x, self.a_pages, self.page_table, self.ranks, mapping)  # [n, T, R]
             g = self.g_stacks if self._dora_slots else None
-            ops.expand(y, t, self.b_stacks, self.scales, g, mapping, self.ranks)
+            ops.expand(y, t, self.bt_pages, self.page_table, self.ranks, self.scales, g, mapping)
         if self.bias is not None:
             y = y + self.bias
         return y

@@ -17,6 +17,7 @@ from torch import nn
 from loraplex.adapters.form import AdapterWeights
 from loraplex.kernels.backend import LoraOps
 from loraplex.kernels.mapping import LoraMapping
+from loraplex.kernels.rank_pages import RANK_PAGE
 from loraplex.server.model.adapter_linear import AdapterLinear
 from loraplex.server.model.attention import AttentionMetadata, KVCache, paged_attention_torch
 from loraplex.server.model.config import ModelConfig
@@ -25,15 +26,19 @@ from loraplex.server.model.config import ModelConfig
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 
 
-def adapter_slot_bytes(config: ModelConfig, max_rank: int, dtype: torch.dtype) -> int:
-    """Device bytes of one adapter slot over all layers: A [R, in] and B [out, R] stacks
-    plus DoRA's g [out] for every target module (AdapterLinear's allocation)."""
+def adapter_page_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
+    """Device bytes of one rank page (16 rank rows of A [r, in] and Bᵀ [r, out]) in every
+    target module of every layer: what AdapterLinear allocates per page of its pools."""
     size = torch.finfo(dtype).bits // 8
-    per_layer = 0
-    for names in GROUPS:
-        for name in names:
-            out, inp = config.module_shape(name)
-            per_layer += (max_rank * (inp + out) + out) * size
+    per_layer = sum(RANK_PAGE * sum(config.module_shape(name)) * size for names in GROUPS for name in names)
+    return per_layer * config.num_layers
+
+
+def adapter_slot_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
+    """Device bytes of one adapter slot's per-slot state over all layers: DoRA's g [out]
+    per target module (scales, ranks and page-table rows are a few bytes more)."""
+    size = torch.finfo(dtype).bits // 8
+    per_layer = sum(config.module_shape(name)[0] * size for names in GROUPS for name in names)
     return per_layer * config.num_layers
 
 
@@ -92,6 +97,7 @@ class LlamaModel(nn.Module):
         lm_head: torch.Tensor,  # [V, hidden]
         num_slots: int,
         max_rank: int,
+        num_pages: int,  # rank pages per target module
         dtype: torch.dtype,
         device: torch.device,
     ):
@@ -103,6 +109,7 @@ class LlamaModel(nn.Module):
         self.lm_head = nn.Parameter(lm_head, requires_grad=False)
         self.num_slots = num_slots
         self.max_rank = max_rank
+        self.num_pages = num_pages
         self.dtype = dtype
         self.device = device
         inv_freq, self.rope_scaling = config.rope_inv_freq(device)
@@ -134,17 +141,32 @@ class LlamaModel(nn.Module):
             for group in (layer.qkv, layer.o, layer.gate_up, layer.down):
                 yield i, group
 
-    # -- the pool's writers ------------------------------------------------------------
-    def load_adapter(self, slot: int, weights: AdapterWeights) -> None:
+    # -- the pool's writers and its page budget ------------------------------------------
+    def _deltas(self, weights: AdapterWeights):
         for i, group in self.adapter_groups():
-            group.load(slot, [weights.modules.get((i, name)) for name in group.names])
+            yield group, [weights.modules.get((i, name)) for name in group.names]
+
+    def load_adapter(self, slot: int, weights: AdapterWeights) -> None:
+        for group, deltas in self._deltas(weights):
+            group.load(slot, deltas)
 
     def clear_adapter(self, slot: int) -> None:
         for _, group in self.adapter_groups():
             group.clear(slot)
 
-    def slot_bytes(self) -> int:
-        return sum(group.slot_bytes() for _, group in self.adapter_groups())
+    def pages_needed(self, weights: AdapterWeights) -> list[int]:
+        """Rank pages `weights` takes in each target module's pool (adapters.pool.PageBudget)."""
+        return [n for group, deltas in self._deltas(weights) for n in group.pages_needed(deltas)]
+
+    def pages_held(self, slot: int) -> list[int]:
+        return [n for _, group in self.adapter_groups() for n in group.pages_held(slot)]
+
+    def pages_free(self) -> list[int]:
+        return [n for _, group in self.adapter_groups() for n in group.free_pages()]
+
+    def page_bytes(self) -> int:
+        """Device bytes of one rank page in every target module (see adapter_page_bytes)."""
+        return sum(group.page_bytes() for _, group in self.adapter_groups())
 
     # -- forward -------------------------------------------------------------------------
     @torch.inference_mode()

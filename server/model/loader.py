@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from loraplex.kernels.rank_pages import pages_for
 from loraplex.server.model.adapter_linear import AdapterLinear
 from loraplex.server.model.config import ModelConfig
 from loraplex.server.model.linear import DenseLinear, NF4Linear
@@ -27,6 +28,7 @@ class LoadSpec:
     device: str = "cpu"
     num_slots: int = 8  # adapter slots in the pool
     max_rank: int = 64
+    num_pages: int | None = None  # rank pages per target module (None: num_slots × ceil(max_rank / 16))
     nf4_backend: str = "bnb"  # "bnb", "auto" (Triton where it wins) or "triton" (see NF4Linear)
 
 
@@ -86,6 +88,7 @@ def load_model(model_dir: Path | str, spec: LoadSpec = LoadSpec()) -> LlamaModel
     config = ModelConfig.from_pretrained(model_dir)
     w = _Weights(model_dir)
     device = torch.device(spec.device)
+    num_pages = spec.num_pages if spec.num_pages is not None else spec.num_slots * pages_for(spec.max_rank)
 
     def dense(key: str) -> torch.Tensor:
         return w.get(key).to(device=device, dtype=spec.dtype)
@@ -102,7 +105,7 @@ def load_model(model_dir: Path | str, spec: LoadSpec = LoadSpec()) -> LlamaModel
                 bases.append(base.to(device))
                 biases.append(bias)
             in_features = config.module_shape(names[0])[1]
-            groups[names[0]] = AdapterLinear(names, bases, biases, in_features, spec.num_slots, spec.max_rank, spec.dtype, device)
+            groups[names[0]] = AdapterLinear(names, bases, biases, in_features, spec.num_slots, spec.max_rank, num_pages, spec.dtype, device)
         norms = (
             RMSNorm(dense(f"{p}.input_layernorm.weight"), config.rms_norm_eps),
             RMSNorm(dense(f"{p}.post_attention_layernorm.weight"), config.rms_norm_eps),
@@ -111,7 +114,7 @@ def load_model(model_dir: Path | str, spec: LoadSpec = LoadSpec()) -> LlamaModel
     embed = dense("model.embed_tokens.weight")
     lm_head = embed if config.tie_word_embeddings or "lm_head.weight" not in w else dense("lm_head.weight")
     norm = RMSNorm(dense("model.norm.weight"), config.rms_norm_eps)
-    return LlamaModel(config, embed, layers, norm, lm_head, spec.num_slots, spec.max_rank, spec.dtype, device)
+    return LlamaModel(config, embed, layers, norm, lm_head, spec.num_slots, spec.max_rank, num_pages, spec.dtype, device)
 
 
 def is_prequantized(model_dir: Path | str) -> bool:

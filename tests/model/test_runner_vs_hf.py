@@ -77,11 +77,15 @@ def test_pickle_weights_are_refused(tmp_path):
         load_model(tmp_path, LoadSpec())
 
 
-def test_slot_bytes_formula_matches_the_allocation():
-    from loraplex.server.model.llama import adapter_slot_bytes
+def test_adapter_memory_formulas_match_the_allocation():
+    from loraplex.server.model.llama import adapter_page_bytes, adapter_slot_bytes
 
-    model = load_model(TINY_MODEL, LoadSpec(num_slots=3, max_rank=16))
-    assert adapter_slot_bytes(model.config, 16, torch.float32) == model.slot_bytes()
+    model = load_model(TINY_MODEL, LoadSpec(num_slots=3, max_rank=16, num_pages=5))
+    groups = [g for _, g in model.adapter_groups()]
+    pages = sum(p.numel() * p.element_size() for g in groups for p in g.a_pages + g.bt_pages)
+    g_bytes = sum(s.numel() * s.element_size() for g in groups for s in g.g_stacks)
+    assert adapter_page_bytes(model.config, torch.float32) == model.page_bytes() == pages // 5
+    assert adapter_slot_bytes(model.config, torch.float32) == g_bytes // 3
 
 
 def test_triton_nf4_backend_matches_bitsandbytes():

@@ -62,7 +62,7 @@ def test_metrics_move(running, client):
     assert not any("no-such-adapter-xyz" in str(labels) for _, labels in after)  # bounded label set
     assert delta("loraplex_engine_steps_total") >= 5
     s = running.engine.stats()
-    for gauge in ("loraplex_queue_depth", "loraplex_running_requests", "loraplex_adapters_resident"):
+    for gauge in ("loraplex_queue_depth", "loraplex_running_requests", "loraplex_adapters_resident", "loraplex_adapter_pages_free"):
         assert (gauge, ()) in after
     assert after[("loraplex_kv_blocks_used", ())] + after[("loraplex_kv_blocks_free", ())] == s.kv_blocks_total
     assert after[("loraplex_adapters_known", ())] == s.adapters_known

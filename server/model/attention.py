@@ -3,13 +3,18 @@
 A step's batch holds, for each sequence, a chunk of new tokens (a prefill chunk or one
 decode token) at positions [ctx_len - q_len, ctx_len). Their K/V are first written into
 the cache at `slot_mapping`, then every query attends causally to its sequence's cached
-keys through the sequence's block table. The torch backend below loops over sequences
-(CPU and reference); a fused GPU backend can replace it behind the same call.
+keys through the sequence's block table.
+
+The torch backend below serves every sequence that feeds one token (decode) with one
+masked SDPA over contexts padded to the longest; the gather rows and the mask are built
+once per step (`AttentionMetadata.decode_layout`) and shared by all layers. Sequences
+with a longer chunk (prefill) take one SDPA each. A fused GPU backend can replace it
+behind the same call.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +29,45 @@ class AttentionMetadata:
     block_tables: list[torch.Tensor]  # B × [num_blocks_b] int64, cache blocks of b in order
     slot_mapping: torch.Tensor  # [T] int64, flat cache row (block * block_size + offset) of each new token
     sliding_window: int | None = None
+    _decode: "DecodeLayout | None" = field(default=None, repr=False)  # built by decode_layout()
+
+    def decode_layout(self, block_size: int, device: torch.device) -> "DecodeLayout":
+        """The step's decode sequences and their gather rows and mask (built once per step)."""
+        if self._decode is None:
+            self._decode = DecodeLayout.build(self, block_size, device)
+        return self._decode
+
+
+@dataclass
+class DecodeLayout:
+    """Sequences of the step that feed exactly one token, attended in one batched SDPA."""
+
+    seqs: list[int]  # [Bd] sequence indices
+    q_rows: torch.Tensor  # [Bd] int64, their rows of q
+    kv_rows: torch.Tensor  # [Bd, L] int64, cache rows of their contexts, padded to the longest (L)
+    allowed: torch.Tensor  # [Bd, 1, 1, L] bool, keys each may attend to
+    all_decode: bool  # every sequence of the step feeds one token (q_rows is then 0..B-1)
+
+    @classmethod
+    def build(cls, meta: AttentionMetadata, block_size: int, device: torch.device) -> "DecodeLayout":
+        starts = meta.query_starts
+        seqs = [b for b in range(len(meta.context_lens)) if starts[b + 1] - starts[b] == 1]
+        q_rows = torch.tensor([starts[b] for b in seqs], dtype=torch.int64, device=device)
+        if not seqs:
+            empty = torch.zeros(0, 0, dtype=torch.int64, device=device)
+            return cls(seqs, q_rows, empty, empty.bool().view(0, 1, 1, 0), False)
+        lens_list = [meta.context_lens[b] for b in seqs]
+        longest = max(lens_list)
+        tables = torch.nn.utils.rnn.pad_sequence([meta.block_tables[b] for b in seqs], batch_first=True)  # [Bd, max blocks]
+        offsets = torch.arange(block_size, device=device)
+        kv_rows = (tables.to(device).unsqueeze(2) * block_size + offsets).reshape(len(seqs), -1)[:, :longest]  # [Bd, L]
+        lens = torch.tensor(lens_list, device=device)  # [Bd]
+        k_pos = torch.arange(longest, device=device).unsqueeze(0)  # [1, L]
+        allowed = k_pos < lens.unsqueeze(1)  # [Bd, L]
+        if meta.sliding_window is not None:
+            allowed &= k_pos > (lens - 1).unsqueeze(1) - meta.sliding_window
+        all_decode = len(seqs) == len(meta.context_lens) and starts[-1] == len(seqs)
+        return cls(seqs, q_rows, kv_rows, allowed[:, None, None, :], all_decode)
 
 
 class KVCache:
@@ -54,14 +98,17 @@ def paged_attention_torch(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:  # [T, heads, head_dim]
-    if q.shape[0] == len(meta.context_lens):  # one new token per sequence: a pure decode step
-        return _decode_attention(q, cache, layer, meta, scale)
+    decode = meta.decode_layout(cache.block_size, q.device)
+    if decode.all_decode:  # a pure decode step: rows of q are the sequences in order
+        return _decode_attention(q, cache, layer, decode, scale)
     out = torch.empty_like(q)
+    if decode.seqs:
+        out[decode.q_rows] = _decode_attention(q[decode.q_rows], cache, layer, decode, scale)
     heads = q.shape[1]
     for b, ctx in enumerate(meta.context_lens):
         start, end = meta.query_starts[b], meta.query_starts[b + 1]
         q_len = end - start
-        if q_len == 0:
+        if q_len <= 1:  # nothing to do, or done above
             continue
         rows = cache.rows(meta.block_tables[b], ctx)
         k = cache.k[layer][rows]  # [ctx, kv_heads, D]
@@ -80,22 +127,13 @@ def paged_attention_torch(
     return out
 
 
-def _decode_attention(q: torch.Tensor, cache: KVCache, layer: int, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """All sequences at once when each feeds one token: contexts padded to the longest, masked."""
-    batch, heads, _ = q.shape
-    lens = torch.tensor(meta.context_lens, device=q.device)  # [B]
-    longest = int(max(meta.context_lens))
-    tables = torch.nn.utils.rnn.pad_sequence(meta.block_tables, batch_first=True)  # [B, max blocks]
-    offsets = torch.arange(cache.block_size, device=q.device)
-    rows = (tables.unsqueeze(2) * cache.block_size + offsets).reshape(batch, -1)[:, :longest]  # [B, L]
-    k = cache.k[layer][rows]  # [B, L, KVH, D]
-    v = cache.v[layer][rows]
+def _decode_attention(q: torch.Tensor, cache: KVCache, layer: int, decode: DecodeLayout, scale: float) -> torch.Tensor:
+    """q: [Bd, H, D], one token of each decode sequence -> [Bd, H, D], contexts padded and masked."""
+    heads = q.shape[1]
+    k = cache.k[layer][decode.kv_rows]  # [Bd, L, KVH, D]
+    v = cache.v[layer][decode.kv_rows]
     groups = heads // k.shape[2]
-    k = k.repeat_interleave(groups, dim=2).transpose(1, 2)  # [B, H, L, D]
+    k = k.repeat_interleave(groups, dim=2).transpose(1, 2)  # [Bd, H, L, D]
     v = v.repeat_interleave(groups, dim=2).transpose(1, 2)
-    k_pos = torch.arange(longest, device=q.device).unsqueeze(0)  # [1, L]
-    allowed = k_pos < lens.unsqueeze(1)  # [B, L]
-    if meta.sliding_window is not None:
-        allowed &= k_pos > (lens - 1).unsqueeze(1) - meta.sliding_window
-    o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=allowed[:, None, None, :], scale=scale)  # [B, H, 1, D]
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=decode.allowed, scale=scale)  # [Bd, H, 1, D]
     return o.squeeze(2)

@@ -1,14 +1,20 @@
 """The one adapter form (DESIGN.md, "One adapter form").
 
 Every adapter type is converted at load time into per-module low-rank factors, so the
-kernels and the pool know one thing:  y = g ⊙ (W x + s · B (A x)).
+kernels and the pool know one thing:
+
+    y = g ⊙ (W x + s · o ⊙ (B (d ⊙ (A x))))
+
+with g (DoRA's magnitude scale), o and d (VeRA's λ_b and λ_d) all 1 where a type has
+none. A and B may be shared by several adapters (VeRA's frozen projections): deltas
+with the same `shared_key` have the same A and B, and the pool stores them once.
 This module knows nothing about PEFT's file layout or about the GPU pool.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Protocol
+from typing import Hashable, Mapping, Protocol
 
 import torch
 
@@ -26,12 +32,16 @@ class ModuleDelta:
     b: torch.Tensor  # [out, r]
     scale: float  # s
     g: torch.Tensor | None = None  # [out], DoRA's m / ‖W + s·B·A‖ per output row; None = 1
+    rank_scale: torch.Tensor | None = None  # [r], d: scales A x per rank row (VeRA's λ_d); None = 1
+    out_scale: torch.Tensor | None = None  # [out], o: scales the delta per output row (VeRA's λ_b); None = 1
+    shared_key: Hashable | None = None  # equal keys: equal a and b (stored once); None = this delta's own
 
     def __post_init__(self) -> None:
         if self.a.dim() != 2 or self.b.dim() != 2 or self.a.shape[0] != self.b.shape[1]:
             raise ValueError(f"A {tuple(self.a.shape)} and B {tuple(self.b.shape)} are not [r, in] and [out, r]")
-        if self.g is not None and self.g.shape != (self.b.shape[0],):
-            raise ValueError(f"g {tuple(self.g.shape)} does not match out={self.b.shape[0]}")
+        for name, v, n in (("g", self.g, self.b.shape[0]), ("out_scale", self.out_scale, self.b.shape[0]), ("rank_scale", self.rank_scale, self.a.shape[0])):
+            if v is not None and v.shape != (n,):
+                raise ValueError(f"{name} {tuple(v.shape)} does not match {n}")
 
     @property
     def rank(self) -> int:
@@ -39,8 +49,21 @@ class ModuleDelta:
 
     @property
     def nbytes(self) -> int:
-        extra = self.g.numel() * self.g.element_size() if self.g is not None else 0
-        return self.a.numel() * self.a.element_size() + self.b.numel() * self.b.element_size() + extra
+        """Host bytes of this delta (shared factors counted in full: the host holds views or copies)."""
+        vectors = sum(v.numel() * v.element_size() for v in (self.g, self.rank_scale, self.out_scale) if v is not None)
+        return self.a.numel() * self.a.element_size() + self.b.numel() * self.b.element_size() + vectors
+
+    def folded(self) -> "ModuleDelta":
+        """The same delta with d and o folded into A and B (its own factors, no shared key)."""
+        a = self.a if self.rank_scale is None else (self.rank_scale.float()[:, None] * self.a.float()).to(self.a.dtype)
+        b = self.b if self.out_scale is None else (self.out_scale.float()[:, None] * self.b.float()).to(self.b.dtype)
+        return ModuleDelta(a, b, self.scale, self.g)
+
+    def dense(self) -> torch.Tensor:
+        """[out, in] float32: the delta as one matrix, s · diag(o) B diag(d) A (before g)."""
+        a = self.a.float() if self.rank_scale is None else self.rank_scale.float()[:, None] * self.a.float()
+        b = self.b.float() if self.out_scale is None else self.out_scale.float()[:, None] * self.b.float()
+        return self.scale * (b @ a)
 
 
 @dataclass(frozen=True)

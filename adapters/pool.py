@@ -3,16 +3,16 @@ held by running requests, and LRU eviction of adapters no running request uses.
 
 It owns no tensors: `write(slot, weights)` and `clear(slot)` (the model's adapter
 layers) do the copying. Adapters take device memory by rank (rank pages), so a free
-slot is not always enough: with a `PageBudget` (the model) the LRU evicts unpinned
-adapters until both a slot and the pages are free, and evicts nothing when even
-evicting them all would not do. Called from the engine thread only.
+slot is not always enough: with `fits(weights, evicted_slots)` (the model's) the LRU
+evicts unpinned adapters until both a slot and the pages are free, and evicts nothing
+when even evicting them all would not do. Called from the engine thread only.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Hashable, Protocol, Sequence
+from typing import Callable, Hashable
 
 from loraplex.adapters.form import AdapterWeights
 
@@ -23,30 +23,20 @@ class PoolCounters:
     evictions: int = 0  # adapters removed from a slot to make room
 
 
-class PageBudget(Protocol):
-    """Rank pages per pool of the device storage (one pool per target module)."""
-
-    def pages_needed(self, weights: AdapterWeights) -> Sequence[int]: ...
-
-    def pages_held(self, slot: int) -> Sequence[int]: ...
-
-    def pages_free(self) -> Sequence[int]: ...
-
-
 class AdapterPool:
     def __init__(
         self,
         num_slots: int,
         write: Callable[[int, AdapterWeights], None],
         clear: Callable[[int], None],
-        pages: PageBudget | None = None,  # None: slots are the only limit
+        fits: Callable[[AdapterWeights, set[int]], bool] | None = None,  # room once these slots are cleared? None: slots are the only limit
     ):
         if num_slots < 1:
             raise ValueError("the adapter pool needs at least one slot")
         self.num_slots = num_slots
         self._write = write
         self._clear = clear
-        self._pages = pages
+        self._fits = fits
         self._slot_of: "OrderedDict[Hashable, int]" = OrderedDict()  # key -> slot, least recently used first
         self._pins: dict[Hashable, int] = {}
         self._doomed: set[Hashable] = set()  # removed while pinned: freed at the last release
@@ -121,18 +111,15 @@ class AdapterPool:
 
     def _victims_for(self, weights: AdapterWeights) -> list[Hashable] | None:
         """The fewest least recently used unpinned adapters whose eviction leaves a free
-        slot and enough free pages for `weights`, or None if evicting every unpinned one
-        would not (then nothing is evicted: a request that waits must not empty the pool)."""
-        need = self._pages.pages_needed(weights) if self._pages else None
-        free = list(self._pages.pages_free()) if self._pages else None
+        slot and room for `weights`, or None if evicting every unpinned one would not
+        (then nothing is evicted: a request that waits must not empty the pool)."""
         victims: list[Hashable] = []
         candidates = iter([key for key in self._slot_of if not self._pins.get(key)])  # least recently used first
         while True:
-            if (self._free or victims) and (need is None or all(f >= n for f, n in zip(free, need))):
-                return victims
+            if self._free or victims:
+                if self._fits is None or self._fits(weights, {self._slot_of[v] for v in victims}):
+                    return victims
             victim = next(candidates, None)
             if victim is None:
                 return None
             victims.append(victim)
-            if free is not None:
-                free = [f + h for f, h in zip(free, self._pages.pages_held(self._slot_of[victim]))]

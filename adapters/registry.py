@@ -13,7 +13,7 @@ import functools
 import math
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Mapping, Protocol
+from typing import Hashable, Mapping, Protocol
 
 import torch
 
@@ -101,13 +101,19 @@ def delta(
     scale: float,
     g: torch.Tensor | None,
     dtype: torch.dtype,
+    *,
+    rank_scale: torch.Tensor | None = None,
+    out_scale: torch.Tensor | None = None,
+    shared_key: Hashable | None = None,
 ) -> ModuleDelta:
     """A ModuleDelta in `dtype` (contiguous, detached), refused if anything is not finite."""
-    parts = {"A": a, "B": b} | ({"g": g} if g is not None else {})
+    optional = {"g": g, "rank_scale": rank_scale, "out_scale": out_scale}
+    parts = {"A": a, "B": b} | {n: t for n, t in optional.items() if t is not None}
     cast = {n: t.detach().to(dtype).contiguous() for n, t in parts.items()}
     for n, t in cast.items():
         if not bool(torch.isfinite(t).all()):
             raise AdapterError(f"{module_label(key)}: converted {n} has NaN or Inf values in {dtype}")
     if not (isinstance(scale, float) and math.isfinite(scale)):
         raise AdapterError(f"{module_label(key)}: scale {scale!r} is not finite")
-    return ModuleDelta(a=cast["A"], b=cast["B"], scale=scale, g=cast.get("g"))
+    return ModuleDelta(a=cast["A"], b=cast["B"], scale=scale, g=cast.get("g"), rank_scale=cast.get("rank_scale"),
+                       out_scale=cast.get("out_scale"), shared_key=shared_key)  # fmt: skip

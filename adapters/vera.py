@@ -5,9 +5,13 @@ largest targeted module: vera_A [r, max_in], vera_B [max_out, r]. Each module tr
 two vectors, λ_d [r] and λ_b [out], and PEFT 0.21's forward is
 λ_b ⊙ (B_sh[:out, :r] (λ_d ⊙ (A_sh[:r, :in] x))), so per module
 
-    A = diag(λ_d) · vera_A[:r, :in]     # [r, in]
-    B = diag(λ_b) · vera_B[:out, :r]    # [out, r]
-    s = 1
+    A = vera_A[:r, :in]     # [r, in], shared
+    B = vera_B[:out, :r]    # [out, r], shared
+    d = λ_d, o = λ_b, s = 1
+
+A and B are the same for every module of that shape and every adapter with the same
+projections: their `shared_key` (a digest of the projections, r and the shape) lets the
+device pool store them once, so a VeRA adapter costs its two vectors per module.
 
 The projections come from the file (`base_model.vera_A` / `base_model.vera_B`) when
 save_projection is true, else they are regenerated exactly as PEFT does: a CPU
@@ -18,6 +22,7 @@ torch's CPU generator staying the same across versions, as PEFT itself does.
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -75,15 +80,29 @@ class VeraType:
         else:
             vera_a, vera_b = projections(config, max_out, max_in)
 
+        digest = projection_digest(vera_a, vera_b)
+        a_of, b_of = {}, {}  # one host copy per shape, shared by the modules of this adapter
         modules = {}
         for key, ts in sorted(tensors.modules.items()):
             out, inn = base.module_shape(*key)
             lambda_b = expect(ts, LAMBDA_B, (out,), key, base)  # [out]
             lambda_d = expect(ts, LAMBDA_D, (r,), key, base, f", r={r} from adapter_config.json")  # [r]
-            a = lambda_d[:, None] * vera_a[:r, :inn]  # [r, in]
-            b = lambda_b[:, None] * vera_b[:out, :r]  # [out, r]
-            modules[key] = delta(key, a, b, 1.0, None, dtype)
+            if inn not in a_of:
+                a_of[inn] = vera_a[:r, :inn].to(dtype).contiguous()  # [r, in]
+            if out not in b_of:
+                b_of[out] = vera_b[:out, :r].to(dtype).contiguous()  # [out, r]
+            shared = ("vera", digest, r, inn, out, str(dtype))
+            modules[key] = delta(key, a_of[inn], b_of[out], 1.0, None, dtype, rank_scale=lambda_d, out_scale=lambda_b, shared_key=shared)
         return AdapterWeights(adapter_type="vera", modules=modules, config=dict(config.raw))
+
+
+def projection_digest(vera_a: torch.Tensor, vera_b: torch.Tensor) -> str:
+    """sha256 of the float32 projections: equal digests, equal shared factors."""
+    h = hashlib.sha256()
+    for t in (vera_a, vera_b):
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.float().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 VERA = VeraType()

@@ -46,6 +46,9 @@ def _expand_kernel(
     g0_ptr,  # [S, out_0] DoRA magnitude scale (unused unless HAS_G)
     g1_ptr,  # [S, out_1]
     g2_ptr,  # [S, out_2]
+    o0_ptr,  # [S, out_0] VeRA's λ_b, scales the delta (unused unless HAS_O)
+    o1_ptr,  # [S, out_1]
+    o2_ptr,  # [S, out_2]
     scales_ptr,  # [N_SLICES, S] float32, contiguous
     table_ptr,  # [N_SLICES, S, MP] int32 page ids
     ranks_ptr,  # [N_SLICES, S] int32
@@ -62,6 +65,7 @@ def _expand_kernel(
     w2,  # out_2 (0 when N_SLICES < 3)
     N_SLICES: tl.constexpr,
     HAS_G: tl.constexpr,
+    HAS_O: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -85,14 +89,17 @@ def _expand_kernel(
     width = w0 + in1 * (w1 - w0) + in2 * (w2 - w1)
     b_ptr = b0_ptr
     g_ptr = g0_ptr
+    o_ptr = o0_ptr
     if N_SLICES > 1:
         if sl == 1:
             b_ptr = b1_ptr
             g_ptr = g1_ptr
+            o_ptr = o1_ptr
     if N_SLICES > 2:
         if sl == 2:
             b_ptr = b2_ptr
             g_ptr = g2_ptr
+            o_ptr = o2_ptr
 
     max_rank = max_pages * BLOCK_K  # R, the width of t
     rank = tl.minimum(tl.load(ranks_ptr + sl * num_slots + slot_c), max_rank)
@@ -129,6 +136,8 @@ def _expand_kernel(
 
     mask = m_mask[:, None] & n_mask[None, :]
     y_ptrs = y_ptr + rows[:, None] * stride_yt + (col0 + offs_n)[None, :]  # [BM, BN]
+    if HAS_O:
+        acc *= tl.load(o_ptr + slot_c * width + offs_n, mask=n_mask, other=1.0).to(tl.float32)[None, :]
     v = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32) + scale * acc
     if HAS_G:
         gv = tl.load(g_ptr + slot_c * width + offs_n, mask=n_mask, other=1.0).to(tl.float32)  # [BN]
@@ -145,6 +154,8 @@ def expand(
     scales: torch.Tensor,  # [n_slices, S] float32
     g: Sequence[torch.Tensor] | None,  # n_slices × [S, out_i] (ones for non-DoRA slots), or None
     mapping: LoraMapping,
+    *,
+    out_scale: Sequence[torch.Tensor] | None = None,  # n_slices × [S, out_i], o (ones for non-VeRA slots), or None
 ) -> None:
     """Triton `expand_ref`: same Semantics, all slices in one launch (up to 3)."""
     n_slices = len(bt_pages)
@@ -172,12 +183,14 @@ def expand(
         raise ValueError("t must be contiguous")
     if scales.shape != (n_slices, num_slots) or scales.dtype != torch.float32 or not scales.is_contiguous():
         raise ValueError(f"scales must be contiguous float32 [{n_slices}, {num_slots}]")
-    if g is not None:
-        if len(g) != n_slices:
-            raise ValueError(f"g has {len(g)} slices, B has {n_slices}")
-        for gi, w in zip(g, widths):
-            if gi.shape != (num_slots, w) or not gi.is_contiguous() or gi.dtype != g[0].dtype:
-                raise ValueError(f"g slices must be contiguous [S, out_i] of one dtype, got {tuple(gi.shape)}")
+    for name, vecs in (("g", g), ("out_scale", out_scale)):
+        if vecs is None:
+            continue
+        if len(vecs) != n_slices:
+            raise ValueError(f"{name} has {len(vecs)} slices, B has {n_slices}")
+        for v, w in zip(vecs, widths):
+            if v.shape != (num_slots, w) or not v.is_contiguous() or v.dtype != vecs[0].dtype:
+                raise ValueError(f"{name} slices must be contiguous [S, out_i] of one dtype, got {tuple(v.shape)}")
     if mapping.num_slots != num_slots or mapping.num_tokens != num_tokens:
         raise ValueError(f"mapping is for {mapping.num_tokens} tokens / {mapping.num_slots} slots")
     if not mapping.any_adapter or num_tokens == 0:
@@ -192,15 +205,17 @@ def expand(
         pad = MAX_SLICES_PER_LAUNCH - nc
         bs = list(bt_pages[i0:i1]) + [bt_pages[i0]] * pad
         gs = (list(g[i0:i1]) + [g[i0]] * pad) if g is not None else [scales] * MAX_SLICES_PER_LAUNCH
+        outs = (list(out_scale[i0:i1]) + [out_scale[i0]] * pad) if out_scale is not None else [scales] * MAX_SLICES_PER_LAUNCH
         ws = widths[i0:i1] + [0] * pad
         n_col_tiles = sum(triton.cdiv(w, BLOCK_N) for w in ws)
         grid = (num_tiles, n_col_tiles)
         _expand_kernel[grid](
-            y[:, col:], t[i0:i1], *bs, *gs, scales[i0:i1], page_table[i0:i1], ranks[i0:i1],
+            y[:, col:], t[i0:i1], *bs, *gs, *outs, scales[i0:i1], page_table[i0:i1], ranks[i0:i1],
             mapping.sorted_tokens, tile_slots, tile_starts, tile_ends,
             num_tokens, max_pages, num_slots, y.stride(0), *ws,
             N_SLICES=nc,
             HAS_G=g is not None,
+            HAS_O=out_scale is not None,
             BLOCK_M=block_m,
             BLOCK_N=BLOCK_N,
             BLOCK_K=BLOCK_K,
@@ -221,6 +236,8 @@ def expand_ref(
     scales: torch.Tensor,  # [n_slices, S] float32
     g: Sequence[torch.Tensor] | None,  # n_slices × [S, out_i] (ones for non-DoRA slots), or None
     mapping: LoraMapping,
+    *,
+    out_scale: Sequence[torch.Tensor] | None = None,  # n_slices × [S, out_i], o (ones for non-VeRA slots), or None
 ) -> None:
     """Semantics, for each slice i with output columns [o_i, o_i + out_i) of y:
 
@@ -229,6 +246,7 @@ def expand_ref(
             if s < 0: continue                          # base-only rows are untouched
             Bt = rows 0..r-1 of bt_pages[i][page_table[i, s, :ceil(r / 16)]]   # [r, out_i]
             d = scales[i, s] * (t[i, tok, :r].float() @ Bt.float())
+            if out_scale is not None: d = out_scale[i][s].float() * d
             v = y[tok, o_i:o_i+out_i].float() + d
             if g is not None: v = g[i][s].float() * v
             y[tok, o_i:o_i+out_i] = v.to(y.dtype)
@@ -250,7 +268,10 @@ def expand_ref(
             cols = slice(offsets[i], offsets[i] + widths[i])
             v = y[rows, cols].float()  # [T_s, out_i]
             if r > 0:
-                v += scale_of[i][s] * (t[i, rows, :r].float() @ rows_of(pages, table[i][s], r).float())
+                d = t[i, rows, :r].float() @ rows_of(pages, table[i][s], r).float()  # [T_s, out_i]
+                if out_scale is not None:
+                    d = out_scale[i][s].float() * d
+                v += scale_of[i][s] * d
             if g is not None:
                 v = g[i][s].float() * v
             y[rows, cols] = v.to(y.dtype)

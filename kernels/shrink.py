@@ -66,6 +66,7 @@ def _shrink_kernel(
     out_ptr,  # [SPLIT_K, N_SLICES, T, R] float32, contiguous; R = MP * 16
     table_ptr,  # [N_SLICES, S, MP] int32 page ids
     ranks_ptr,  # [N_SLICES, S] int32
+    rank_scale_ptr,  # [N_SLICES, S, R] float32 (unused unless HAS_RANK_SCALE)
     sorted_tokens_ptr,  # [T] int32
     tile_slots_ptr,  # [G] int32, slot, -1 base tile, -2 empty
     tile_starts_ptr,  # [G] int32
@@ -78,6 +79,7 @@ def _shrink_kernel(
     k_per_split,  # in-features per K split, a multiple of BLOCK_K
     N_SLICES: tl.constexpr,
     PAGE: tl.constexpr,  # rank rows per page
+    HAS_RANK_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -137,6 +139,13 @@ def _shrink_kernel(
             acc2 = _slice_dot(acc2, xt, a2_ptr, rows2, rank2, offs_n, offs_k, k_mask, DOT_FP32)
 
     max_rank = max_pages * PAGE  # R, the width of t
+    if HAS_RANK_SCALE:  # VeRA's λ_d per rank row, applied to each slice's t (1 for other adapters)
+        rs = rank_scale_ptr + slot_c * max_rank + offs_n  # [BN], slice 0
+        acc0 *= tl.load(rs, mask=offs_n < max_rank, other=1.0)[None, :]
+        if N_SLICES > 1:
+            acc1 *= tl.load(rs + num_slots * max_rank, mask=offs_n < max_rank, other=1.0)[None, :]
+        if N_SLICES > 2:
+            acc2 *= tl.load(rs + 2 * num_slots * max_rank, mask=offs_n < max_rank, other=1.0)[None, :]
     slice_stride = num_tokens * max_rank
     out_ptrs = out_ptr + split.to(tl.int64) * N_SLICES * slice_stride + rows[:, None] * max_rank + offs_n[None, :]
     mask = m_mask[:, None] & (offs_n < max_rank)[None, :]
@@ -186,6 +195,7 @@ def shrink(
     ranks: torch.Tensor,  # [n_slices, S] int32
     mapping: LoraMapping,
     *,
+    rank_scale: torch.Tensor | None = None,  # [n_slices, S, MP * 16] float32, d per rank row (None = 1)
     out: torch.Tensor | None = None,  # [n_slices, T, MP * 16] float32, written (allocated if None)
     split_k: int | None = None,  # K splits (None: chosen from the shapes); reduced deterministically
 ) -> torch.Tensor:  # [n_slices, T, MP * 16] float32
@@ -207,6 +217,7 @@ def shrink(
     max_rank = max_pages * RANK_PAGE  # R, the width of t
     if mapping.num_slots != num_slots or mapping.num_tokens != num_tokens:
         raise ValueError(f"mapping is for {mapping.num_tokens} tokens / {mapping.num_slots} slots")
+    _check_rank_scale(rank_scale, n_slices, num_slots, max_rank)
     if out is None:
         out = torch.empty(n_slices, num_tokens, max_rank, dtype=torch.float32, device=x.device)
     elif out.shape != (n_slices, num_tokens, max_rank) or out.dtype != torch.float32 or not out.is_contiguous():
@@ -230,11 +241,13 @@ def shrink(
         grid = (num_tiles, n_rank_tiles, sk)
         _shrink_kernel[grid](
             x, *chunk, dst, page_table[i0 : i0 + nc], ranks[i0 : i0 + nc],
+            rank_scale[i0 : i0 + nc] if rank_scale is not None else ranks,
             mapping.sorted_tokens, tile_slots, tile_starts, tile_ends,
             num_tokens, in_features, max_pages, num_slots,
             x.stride(0), k_per_split,
             N_SLICES=nc,
             PAGE=RANK_PAGE,
+            HAS_RANK_SCALE=rank_scale is not None,
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             BLOCK_K=block_k,
@@ -255,6 +268,7 @@ def shrink_ref(
     ranks: torch.Tensor,  # [n_slices, S] int32
     mapping: LoraMapping,
     *,
+    rank_scale: torch.Tensor | None = None,  # [n_slices, S, MP * 16] float32, d per rank row (None = 1)
     out: torch.Tensor | None = None,  # [n_slices, T, MP * 16] float32, written (allocated if None)
 ) -> torch.Tensor:  # [n_slices, T, MP * 16] float32
     """Semantics:
@@ -264,6 +278,7 @@ def shrink_ref(
                 s = mapping.token_slots[tok]; r = ranks[i, s]
                 A = rows 0..r-1 of pages[page_table[i, s, :ceil(r / 16)]]   # [r, in]
                 t[i, tok, :r] = x[tok].float() @ A.float().T if s >= 0 else 0
+                t[i, tok, :r] *= rank_scale[i, s, :r] if rank_scale is not None
                 t[i, tok, r:] = 0
 
     Accumulates in fp32 and returns fp32 (never fp16). Page rows past the rank are not read.
@@ -285,5 +300,13 @@ def shrink_ref(
         for i, pages in enumerate(a_pages):
             r = min(rank_of[i][s], max_rank)
             if r > 0:
-                out[i, rows, :r] = xs @ rows_of(pages, table[i][s], r).float().T  # [T_s, r]
+                t = xs @ rows_of(pages, table[i][s], r).float().T  # [T_s, r]
+                out[i, rows, :r] = t if rank_scale is None else t * rank_scale[i, s, :r]
     return out
+
+
+def _check_rank_scale(rank_scale: torch.Tensor | None, n_slices: int, num_slots: int, max_rank: int) -> None:
+    if rank_scale is None:
+        return
+    if rank_scale.shape != (n_slices, num_slots, max_rank) or rank_scale.dtype != torch.float32 or not rank_scale.is_contiguous():
+        raise ValueError(f"rank_scale must be contiguous float32 [{n_slices}, {num_slots}, {max_rank}]")

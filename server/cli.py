@@ -39,6 +39,7 @@ ENGINE_DEFAULTS = {
     "max_rank": 64,
     "max_new_tokens": 4096,
     "lora_backend": "auto",
+    "vera_form": "shared",
     "nf4_backend": "bnb",
     "cpu_threads": None,
 }
@@ -133,6 +134,9 @@ cancelled), and the process exits 0. A second signal exits at once (status 1).""
     e.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"], help="cap on a request's max_new_tokens")
     e.add_argument("--lora-backend", choices=("auto", "torch", "triton"), default=d["lora_backend"],
                    help="adapter shrink/expand ops: auto = Triton on CUDA, the torch reference on CPU")
+    e.add_argument("--vera-form", choices=("shared", "folded"), default=d["vera_form"],
+                   help="VeRA adapters: shared = each frozen projection stored once (an adapter costs its two vectors); "
+                        "folded = per-adapter factors, like a LoRA of the same rank")
     e.add_argument("--cpu-threads", type=int, default=d["cpu_threads"],
                    help="torch threads for the engine on CPU (default: torch's; 1 is fastest for the tiny model)")
     e.add_argument("--nf4-backend", choices=("bnb", "auto", "triton"), default=d["nf4_backend"],
@@ -160,6 +164,7 @@ def serve_config_from_args(args):
         max_rank=args.max_rank,
         max_new_tokens=args.max_new_tokens,
         lora_backend=args.lora_backend,
+        vera_form=args.vera_form,
         nf4_backend=args.nf4_backend,
         cpu_threads=args.cpu_threads,
     )

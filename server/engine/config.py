@@ -28,6 +28,10 @@ class EngineConfig:
     max_prompt_tokens: int | None = None  # None = the model's context length
     max_new_tokens: int = 4096  # cap on a request's max_new_tokens
     lora_backend: str = "auto"  # "auto" (Triton on CUDA), "torch" or "triton"
+    # VeRA adapters: "shared" keeps each frozen projection once in the pool (an adapter then
+    # costs its two vectors) and the kernels read it for every adapter that uses it;
+    # "folded" stores λ_d·A and λ_b·B per adapter, like a LoRA of the same rank.
+    vera_form: str = "shared"
     # NF4 base matmul: "bnb" (bitsandbytes), "auto" (our fused Triton kernel where its
     # shape policy picks it) or "triton". "bnb" until an H100 run has measured the crossovers.
     nf4_backend: str = "bnb"
@@ -42,6 +46,8 @@ class EngineConfig:
             object.__setattr__(self, "adapter_root", Path(self.adapter_root))
         if self.quantize not in ("nf4", "none"):
             raise ValueError(f"quantize must be 'nf4' or 'none', not {self.quantize!r}")
+        if self.vera_form not in ("shared", "folded"):
+            raise ValueError(f"vera_form must be shared or folded, not {self.vera_form!r}")
         if self.nf4_backend not in ("bnb", "auto", "triton"):
             raise ValueError(f"nf4_backend must be bnb, auto or triton, not {self.nf4_backend!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):

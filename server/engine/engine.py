@@ -93,7 +93,7 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.blocks = BlockManager(config.num_blocks, config.block_size)
-        self.pool = AdapterPool(model.num_slots, model.load_adapter, model.clear_adapter, pages=model)
+        self.pool = AdapterPool(model.num_slots, model.load_adapter, model.clear_adapter, fits=model.fits)
         self._retired: list = []
         self.adapters = AdapterCatalog(
             model,
@@ -127,6 +127,7 @@ class Engine:
         spec = LoadSpec(
             QuantSpec(mode=config.quantize), dtype, str(device),
             num_slots=slots, max_rank=config.max_rank, num_pages=pages, nf4_backend=config.nf4_backend,
+            fold_shared=config.vera_form == "folded",
         )  # fmt: skip
         model = load_model(config.model_dir, spec)
         engine = cls(config, model, Tokenizer(config.model_dir))

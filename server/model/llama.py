@@ -36,9 +36,10 @@ def adapter_page_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
 
 def adapter_slot_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
     """Device bytes of one adapter slot's per-slot state over all layers: DoRA's g [out]
-    per target module (scales, ranks and page-table rows are a few bytes more)."""
+    and VeRA's λ_b [out] per target module (scales, ranks, λ_d and page-table rows are a
+    few bytes more)."""
     size = torch.finfo(dtype).bits // 8
-    per_layer = sum(config.module_shape(name)[0] * size for names in GROUPS for name in names)
+    per_layer = sum(2 * config.module_shape(name)[0] * size for names in GROUPS for name in names)
     return per_layer * config.num_layers
 
 
@@ -154,14 +155,12 @@ class LlamaModel(nn.Module):
         for _, group in self.adapter_groups():
             group.clear(slot)
 
-    def pages_needed(self, weights: AdapterWeights) -> list[int]:
-        """Rank pages `weights` takes in each target module's pool (adapters.pool.PageBudget)."""
-        return [n for group, deltas in self._deltas(weights) for n in group.pages_needed(deltas)]
-
-    def pages_held(self, slot: int) -> list[int]:
-        return [n for _, group in self.adapter_groups() for n in group.pages_held(slot)]
+    def fits(self, weights: AdapterWeights, evicted: set[int]) -> bool:
+        """Would `weights` find its rank pages once the slots `evicted` are cleared?"""
+        return all(group.fits(deltas, evicted) for group, deltas in self._deltas(weights))
 
     def pages_free(self) -> list[int]:
+        """Free rank pages of every target module's pool."""
         return [n for _, group in self.adapter_groups() for n in group.free_pages()]
 
     def page_bytes(self) -> int:

@@ -29,6 +29,7 @@ class LoadSpec:
     num_slots: int = 8  # adapter slots in the pool
     max_rank: int = 64
     num_pages: int | None = None  # rank pages per target module (None: num_slots × ceil(max_rank / 16))
+    fold_shared: bool = False  # VeRA: per-adapter factors with λ folded in, instead of shared projections
     nf4_backend: str = "bnb"  # "bnb", "auto" (Triton where it wins) or "triton" (see NF4Linear)
 
 
@@ -105,7 +106,9 @@ def load_model(model_dir: Path | str, spec: LoadSpec = LoadSpec()) -> LlamaModel
                 bases.append(base.to(device))
                 biases.append(bias)
             in_features = config.module_shape(names[0])[1]
-            groups[names[0]] = AdapterLinear(names, bases, biases, in_features, spec.num_slots, spec.max_rank, num_pages, spec.dtype, device)
+            groups[names[0]] = AdapterLinear(
+                names, bases, biases, in_features, spec.num_slots, spec.max_rank, num_pages, spec.dtype, device, spec.fold_shared
+            )
         norms = (
             RMSNorm(dense(f"{p}.input_layernorm.weight"), config.rms_norm_eps),
             RMSNorm(dense(f"{p}.post_attention_layernorm.weight"), config.rms_norm_eps),

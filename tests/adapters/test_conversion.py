@@ -27,7 +27,7 @@ def load(kit):
 
 def form_output(module, d, x):
     base = module.get_base_layer()(x)
-    y = base + d.scale * ((x @ d.a.float().T) @ d.b.float().T)
+    y = base + x @ d.dense().T
     return y if d.g is None else d.g.float() * y
 
 
@@ -125,6 +125,28 @@ def test_vera(tmp_path, save_projection, kit, load):
     assert w.adapter_type == "vera" and len(w.modules) == 8
     assert all(d.scale == 1.0 and d.rank == 8 for d in w.modules.values())
     check_against_peft(kit, model, w)
+    # the projections are shared: one key (and one host tensor) per module shape
+    q0, q1, v0 = w.modules[(0, "q_proj")], w.modules[(1, "q_proj")], w.modules[(0, "v_proj")]
+    assert q0.shared_key == q1.shared_key != w.modules[(0, "down_proj")].shared_key
+    assert q0.a.data_ptr() == q1.a.data_ptr() == v0.a.data_ptr() and not torch.equal(q0.rank_scale, q1.rank_scale)
+
+
+def test_vera_adapters_with_the_same_projections_share_their_factors(tmp_path, kit, load):
+    def make(name, key, seed):
+        gen = torch.Generator().manual_seed(seed)
+
+        def perturb(model):
+            for n, p in model.named_parameters():
+                if "vera_lambda_" in n:
+                    p.copy_(torch.randn(p.shape, generator=gen))
+
+        cfg = VeraConfig(r=8, target_modules=["q_proj"], projection_prng_key=key)
+        return load(tmp_path / name, kit.save_peft(tmp_path / name, cfg, perturb=perturb))
+
+    a, b, c = make("a", 7, 0), make("b", 7, 1), make("c", 8, 2)
+    ka, kb, kc = (w.modules[(0, "q_proj")] for w in (a, b, c))
+    assert ka.shared_key == kb.shared_key != kc.shared_key
+    assert torch.equal(ka.a, kb.a) and torch.equal(ka.b, kb.b) and not torch.equal(ka.out_scale, kb.out_scale)
 
 
 def _perturb_adalora(model):

@@ -1,4 +1,4 @@
-"""AdapterPool: slots, pins, LRU eviction, and rank pages as a second limit (PageBudget)."""
+"""AdapterPool: slots, pins, LRU eviction, and rank pages as a second limit (`fits`)."""
 
 import pytest
 
@@ -6,19 +6,17 @@ from loraplex.adapters.pool import AdapterPool
 
 
 class Budget:
-    """A PageBudget over two page pools (two target modules); an adapter's 'weights' are
-    its page needs per pool, e.g. (1, 0)."""
+    """Rank pages of two pools (two target modules); an adapter's 'weights' are its page
+    needs per pool, e.g. (1, 0)."""
 
     def __init__(self, pages=(4, 4)):
         self.total = list(pages)
         self.held = {}  # slot -> needs
         self.writes = []
 
-    def pages_needed(self, weights):
-        return list(weights)
-
-    def pages_held(self, slot):
-        return list(self.held.get(slot, (0, 0)))
+    def fits(self, weights, evicted):
+        freed = [sum(self.held.get(s, (0, 0))[i] for s in evicted) for i in range(2)]
+        return all(f + e >= n for f, e, n in zip(self.pages_free(), freed, weights))
 
     def pages_free(self):
         used = [sum(h[i] for h in self.held.values()) for i in range(2)]
@@ -35,7 +33,7 @@ class Budget:
 
 def make(slots=4, pages=(4, 4)):
     b = Budget(pages)
-    return AdapterPool(slots, b.write, b.clear, pages=b), b
+    return AdapterPool(slots, b.write, b.clear, fits=b.fits), b
 
 
 def test_small_adapters_share_the_pages_of_one_large():
@@ -97,7 +95,7 @@ def test_failed_write_gives_the_slot_back():
     def write(slot, weights):
         raise RuntimeError("device write failed")
 
-    pool = AdapterPool(1, write, b.clear, pages=b)
+    pool = AdapterPool(1, write, b.clear, fits=b.fits)
     with pytest.raises(RuntimeError):
         pool.acquire("a", lambda: (1, 0))
     assert pool.resident == []

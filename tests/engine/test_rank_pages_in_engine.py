@@ -58,3 +58,35 @@ def test_four_small_adapters_fit_where_one_large_does(make_engine, tmp_path):
     s = engine.stats()
     assert s.adapter_evictions - base_evictions == 4 and s.adapters_resident == 1 and s.adapter_pins == 0
     assert s.adapter_pages_used == s.adapter_pages_total  # rank 64: 4 pages in every target module
+
+
+@pytest.fixture(scope="module")
+def vera_dirs(tmp_path_factory):
+    from peft_adapters import save_peft_adapter
+
+    root = tmp_path_factory.mktemp("vera")
+    for i in range(3):
+        save_peft_adapter("vera", root / f"vera{i}", seed=30 + i, strength=6.0)
+    return [root / f"vera{i}" for i in range(3)]
+
+
+@pytest.mark.parametrize("form", ["shared", "folded"])
+def test_vera_adapters_share_their_projections(make_engine, vera_dirs, form):
+    # three VeRA adapters, same projections (PRNG key 7), rank 16: shared, the pool holds
+    # one page per targeted module for all three; folded, one per adapter
+    engine = make_engine(adapter_slots=SLOTS, max_rank=MAX_RANK, adapter_pool_bytes=pool_bytes(4), vera_form=form)
+    names = [f"v{i}" for i in range(3)]
+    for name, path in zip(names, vera_dirs):
+        engine.adapters.add(name, path)
+    handles = [engine.submit(_req(engine, n, n=200)) for n in names]
+    for h in handles:
+        next(h.events(timeout=30))
+    s = engine.stats()
+    targeted = 4 * 4  # q, v, gate, up in 4 layers
+    assert s.adapters_resident == 3 and s.adapter_pages_used == (1 if form == "shared" else 3) * targeted
+    tokens = [h.result(timeout=60).token_ids[:8] for h in handles]
+    solo = [engine.generate(_req(engine, n), timeout=60).token_ids for n in names]
+    assert tokens == solo and len({tuple(t) for t in solo}) == 3  # each its own λ
+    for key in list(engine.pool.resident):
+        engine.pool.remove(key)
+    assert engine.stats().adapter_pages_used == 0

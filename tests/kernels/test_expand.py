@@ -274,3 +274,31 @@ def test_launch_never_syncs():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     check(c.y, got, reference(c.y, *c.args), c.mapping)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_out_scale_scales_the_delta_before_g(dtype):
+    # VeRA's λ_b scales the delta (not y): v = g ⊙ (y + s · o ⊙ (t Bᵀ)); o = 1 rows are plain LoRA
+    c = make_case(17, QKV, 6, 40, dtype, "zipf", seed=3)
+    gen = torch.Generator().manual_seed(9)
+    outs = []
+    for w in QKV:
+        o = torch.randn(6, w, generator=gen)
+        o[::2] = 1.0
+        outs.append(o.to(dtype).to(DEVICE))
+    got = c.y.clone()
+    expand(got, *c.args, out_scale=outs)
+    want = c.y.float().clone()
+    expand_ref(want, c.t.float(), [p.float() for p in c.pages], c.table, c.ranks, c.scales, c.g, c.mapping, out_scale=[o.float() for o in outs])
+    check(c.y, got, want, c.mapping)
+    plain = reference(c.y, *c.args)
+    col = 0
+    for i, w in enumerate(QKV):  # the dense rule, from the plain result: undo g, scale the delta, redo g
+        for tok, s in enumerate(c.mapping.token_slots.tolist()):
+            if s >= 0:
+                y0, gv = c.y[tok, col : col + w].float(), c.g[i][s]
+                expect = gv * (y0 + outs[i][s].float() * (plain[tok, col : col + w] / gv - y0))
+                torch.testing.assert_close(want[tok, col : col + w], expect, atol=1e-3, rtol=1e-3)
+        col += w
+    with pytest.raises(ValueError, match="out_scale slices must be contiguous"):
+        expand(c.y.clone(), *c.args, out_scale=[o[:, :1] for o in outs])

@@ -168,3 +168,21 @@ def test_launch_never_syncs():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     check(c, got)
+
+
+@pytest.mark.parametrize("split_k", [None, 2])
+def test_rank_scale_scales_each_rank_row(split_k):
+    # VeRA's λ_d: t[i, tok, k] *= rank_scale[i, slot, k]; kernel, ref and the dense loop agree
+    c = make_case(21, 70, 5, 40, 3, torch.float32, "base25", seed=4)
+    gen = torch.Generator().manual_seed(5)
+    rank_scale = torch.randn(3, 5, c.table.shape[2] * 16, generator=gen).to(DEVICE)
+    got = run_shrink(c, rank_scale=rank_scale, split_k=split_k)
+    want = shrink_ref(*c.args, rank_scale=rank_scale)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    plain = shrink_ref(*c.args)
+    for tok, s in enumerate(c.mapping.token_slots.tolist()):
+        if s >= 0:
+            torch.testing.assert_close(want[:, tok], plain[:, tok] * rank_scale[:, s], atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(want, plain)
+    with pytest.raises(ValueError, match="rank_scale must be contiguous float32"):
+        shrink(*c.args, rank_scale=rank_scale[:, :, :16])

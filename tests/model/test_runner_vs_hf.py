@@ -83,7 +83,7 @@ def test_adapter_memory_formulas_match_the_allocation():
     model = load_model(TINY_MODEL, LoadSpec(num_slots=3, max_rank=16, num_pages=5))
     groups = [g for _, g in model.adapter_groups()]
     pages = sum(p.numel() * p.element_size() for g in groups for p in g.a_pages + g.bt_pages)
-    g_bytes = sum(s.numel() * s.element_size() for g in groups for s in g.g_stacks)
+    g_bytes = sum(s.numel() * s.element_size() for g in groups for s in g.g_stacks + g.out_scales)
     assert adapter_page_bytes(model.config, torch.float32) == model.page_bytes() == pages // 5
     assert adapter_slot_bytes(model.config, torch.float32) == g_bytes // 3
 

@@ -32,7 +32,7 @@ for s in "$@"; do
       nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
       ;;
     tests)  # the GPU-marked tests: kernels against their refs, CUDA-graph replay, bf16 engine
-      stage tests 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests
+      stage tests 300 python3 -P -m pytest -q -m gpu -p no:cacheprovider tests  # -P: the repo root would shadow PyPI kernels
       ;;
     lora)  # issue 4's table
       stage lora 420 python3 bench/lora_kernels.py --budget 0.15 --out "$OUT/lora_kernels.json"

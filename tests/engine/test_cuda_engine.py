@@ -1,0 +1,71 @@
+"""The CUDA configuration end to end (GPU only): the Triton adapter kernels in the
+runner, NF4 through bitsandbytes and through our fused kernel. A mixed batch of five
+adapter types gives every request its solo tokens (in fp32: in bf16 a different batch
+may pick other GEMM tilings and round differently), and in bf16 the kernels give the
+torch ops' logits within bf16's own error."""
+
+import pytest
+import torch
+
+from loraplex.adapters.loader import load_adapter_dir
+from loraplex.kernels.backend import lora_ops
+from loraplex.server.engine.config import EngineConfig
+from loraplex.server.engine.engine import Engine
+from loraplex.server.engine.request import GenerationRequest, SamplingParams
+from loraplex.server.model.llama import score_sequence
+from loraplex.server.model.loader import LoadSpec, load_model
+from peft_adapters import KINDS, TINY, save_peft_adapter
+
+pytestmark = pytest.mark.gpu
+PROMPTS = ["the cat", "a small bird watches the", "our team builds the garden every"]
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("peft")
+    for i, kind in enumerate(KINDS):
+        save_peft_adapter(kind, root / kind, seed=40 + i, strength=6.0)
+    return {kind: root / kind for kind in KINDS}
+
+
+@pytest.mark.parametrize("nf4_backend", ["bnb", "triton"])
+def test_mixed_batch_on_cuda_gives_solo_tokens(adapter_dirs, nf4_backend):
+    engine = Engine.from_config(EngineConfig(model_dir=TINY, device="cuda", dtype="float32", kv_cache_tokens=4096,
+                                             max_batch_tokens=64, adapter_slots=8, max_rank=32, nf4_backend=nf4_backend))  # fmt: skip
+    assert engine.runner.ops.name == "triton"
+    for kind, path in adapter_dirs.items():
+        engine.adapters.add(kind, path)
+    engine.start()
+    try:
+        jobs = [(kind, p) for kind in list(KINDS) + [None] for p in PROMPTS]
+
+        def req(kind, prompt):
+            return GenerationRequest(engine.tokenizer.encode(prompt), SamplingParams(max_new_tokens=12, ignore_eos=True), adapter_id=kind)
+
+        solo = [engine.generate(req(k, p), timeout=120).token_ids for k, p in jobs]
+        handles = [engine.submit(req(k, p)) for k, p in jobs]  # all at once: prefill chunks beside decode tokens
+        assert [h.result(timeout=120).token_ids for h in handles] == solo
+        assert len({tuple(t) for t in solo}) > len(PROMPTS) * 3  # the adapters change the tokens
+    finally:
+        engine.shutdown(1.0)
+
+
+def test_cuda_defaults_are_bf16_and_triton():
+    config = EngineConfig(model_dir=TINY)
+    assert config.torch_device.type == "cuda" and config.torch_dtype == torch.bfloat16
+
+
+def test_kernels_match_torch_ops_in_bf16(adapter_dirs):
+    ids = [1] + [b + 3 for b in b"the teacher paints a blue boat"]
+    bf16 = load_model(TINY, LoadSpec(dtype=torch.bfloat16, device="cuda", num_slots=len(KINDS), max_rank=32))
+    fp32 = load_model(TINY, LoadSpec(dtype=torch.float32, device="cuda", num_slots=len(KINDS), max_rank=32))
+    for slot, kind in enumerate(KINDS):
+        bf16.load_adapter(slot, load_adapter_dir(adapter_dirs[kind], bf16, max_rank=32, dtype=torch.bfloat16))
+        fp32.load_adapter(slot, load_adapter_dir(adapter_dirs[kind], fp32, max_rank=32, dtype=torch.float32))
+    for slot, kind in enumerate(KINDS):
+        via_kernels = score_sequence(bf16, ids, slot=slot, ops=lora_ops("cuda", "triton"))
+        via_torch = score_sequence(bf16, ids, slot=slot, ops=lora_ops("cuda", "torch"))
+        exact = score_sequence(fp32, ids, slot=slot, ops=lora_ops("cuda", "torch"))
+        bf16_err = (via_torch - exact).abs().max().item()
+        assert (via_kernels - via_torch).abs().max().item() <= bf16_err, kind  # both round to nearest on a GPU
+        assert (via_kernels - exact).abs().max().item() <= 2 * bf16_err, kind

@@ -3,9 +3,11 @@
 # Run on the device machine from the repo root, after ../shared/gpu/prepare-wheels.sh
 # has filled .whl/ here (carry ".whl"):
 #
-#   bash bench/gpu_session.sh install tests lora     # call 1: ~8 min
-#   bash bench/gpu_session.sh install nf4 engine     # call 2 (a fresh machine is bare)
+#   bash bench/gpu_session.sh install tests vera     # call 1: ~8 min
+#   bash bench/gpu_session.sh install lora           # call 2: issue 4's table
+#   bash bench/gpu_session.sh install nf4 engine     # call 3: issue 7's table, the engine
 #
+# (install again in every call: a machine given back between calls comes back bare)
 # Each stage writes $OUT/<stage>.log (the table as printed) and its JSON results to
 # $OUT/ (at most 8 files come back); a stage that fails does not stop the next.
 set -uo pipefail
@@ -34,8 +36,11 @@ for s in "$@"; do
     tests)  # the GPU-marked tests: kernels against their refs, CUDA-graph replay, bf16 engine
       stage tests 300 python3 -P -m pytest -q -m gpu -p no:cacheprovider tests  # -P: the repo root would shadow PyPI kernels
       ;;
-    lora)  # issue 4's table
-      stage lora 420 python3 bench/lora_kernels.py --budget 0.15 --out "$OUT/lora_kernels.json"
+    lora)  # issue 4's table: LoRA decode and prefill rows
+      stage lora 540 python3 bench/lora_kernels.py --phases decode prefill --budget 0.15 --out "$OUT/lora_kernels.json"
+      ;;
+    vera)  # issue 4's VeRA rows: shared projections vs folded factors
+      stage vera 240 python3 bench/lora_kernels.py --phases vera --budget 0.15 --out "$OUT/lora_kernels_vera.json"
       ;;
     nf4)  # issue 7's table and the tile sweep that sets the crossovers
       stage nf4 420 python3 bench/nf4_matmul.py --sweep --budget 0.1 --out "$OUT/nf4_matmul.json"
@@ -44,7 +49,7 @@ for s in "$@"; do
       stage engine 240 python3 bench/engine_mixed.py --device cuda --json "$OUT/engine_mixed.json"
       ;;
     *)
-      echo "unknown stage $s (install tests lora nf4 engine)"
+      echo "unknown stage $s (install tests lora vera nf4 engine)"
       exit 2
       ;;
   esac

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from dataclasses import fields
 
 from loraplex.adapters.form import TARGET_MODULES
@@ -93,6 +94,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--adapter-id", default=None, help="id on the server (default: the --out directory's name)")
     g.add_argument("--admin-token", default=None, help="server admin token (default: $LORAPLEX_ADMIN_TOKEN)")
     g.add_argument("--replace", action="store_true", help="replace an adapter of the same id on the server")
+    g.add_argument("--tls", action="store_true", help="upload over TLS, trusting the system's root certificates")
+    g.add_argument("--tls-ca", type=Path, default=None, help="upload over TLS, trusting this PEM CA (implies --tls)")
+    g.add_argument("--tls-cert", type=Path, default=None, help="PEM client certificate, for servers that require one (with --tls-key)")
+    g.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
     return parser
 
 
@@ -148,7 +153,8 @@ def run_train(args: argparse.Namespace) -> int:
         from loraplex.adapters.train.upload import upload_adapter
 
         try:
-            info = upload_adapter(args.upload, result.out_dir, args.adapter_id, args.admin_token, args.replace)
+            info = upload_adapter(args.upload, result.out_dir, args.adapter_id, args.admin_token, args.replace,
+                                  tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key)  # fmt: skip
         except Exception as e:  # noqa: BLE001 - any failure of the upload leaves the adapter on disk
             print(f"loraplex train: upload to {args.upload} failed: {_describe(e)} "
                   f"(the adapter stays in {result.out_dir})", file=sys.stderr)

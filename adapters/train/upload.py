@@ -25,9 +25,12 @@ def check_target(target: str) -> str:
 
 
 def upload_adapter(target: str, adapter_dir: str | Path, adapter_id: str | None = None,
-                   admin_token: str | None = None, replace: bool = False):
+                   admin_token: str | None = None, replace: bool = False, *, tls: bool = False,
+                   tls_ca: str | Path | None = None, tls_cert: str | Path | None = None, tls_key: str | Path | None = None):
     """Uploads the PEFT adapter in `adapter_dir` to the server at `target` as `adapter_id`
     (default: the directory's name). The admin token defaults to $LORAPLEX_ADMIN_TOKEN.
+    TLS as the client takes it: `tls_ca` (or `tls` for the system's roots), and
+    `tls_cert` + `tls_key` for servers that require client certificates.
     Returns what the client returns (the server's description of the adapter)."""
     check_target(target)
     adapter_dir = Path(adapter_dir)
@@ -41,5 +44,5 @@ def upload_adapter(target: str, adapter_dir: str | Path, adapter_id: str | None 
 
     from loraplex.client import LoraplexClient  # lazy: the gRPC client is optional for training
 
-    with LoraplexClient(target, admin_token=token) as client:
+    with LoraplexClient(target, admin_token=token, tls=tls, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key) as client:
         return client.upload_adapter(adapter_id, str(adapter_dir), replace=replace)

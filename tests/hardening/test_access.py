@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from loraplex.client import LoraplexClient
 from loraplex.server import cli
 from loraplex.v1 import admin_pb2, admin_pb2_grpc, generate_pb2, generate_pb2_grpc
+from lora_dirs import write_lora
 
 API_TOKENS = ("client-token-a", "client-token-b")
 GEN = dict(max_new_tokens=4, ignore_eos=True)
@@ -231,7 +232,7 @@ def test_tls(hardened, front_end, kit, pki, capsys, monkeypatch):
     assert "UNAUTHENTICATED" in capsys.readouterr().err
 
 
-def test_mutual_tls(hardened, front_end, kit, pki, capsys, monkeypatch):
+def test_mutual_tls(hardened, front_end, kit, pki, capsys, monkeypatch, tmp_path):
     server = front_end(tls_cert=pki["server_cert"], tls_key=pki["server_key"], tls_client_ca=pki["ca"])
     with LoraplexClient(server.target, admin_token=kit.ADMIN_TOKEN, tls_ca=pki["ca"], tls_cert=pki["client_cert"],
                         tls_key=pki["client_key"], timeout=30) as c:  # fmt: skip
@@ -255,3 +256,13 @@ def test_mutual_tls(hardened, front_end, kit, pki, capsys, monkeypatch):
     assert kit.GOOD in [a["adapter_id"] for a in json.loads(capsys.readouterr().out)]
     assert cli.main(["adapters", "list", "--target", server.target, "--timeout", "5", *tls[:2]]) == 1
     assert "UNAVAILABLE" in capsys.readouterr().err
+
+    # the trainer's --upload speaks the same TLS
+    from loraplex.adapters.train.upload import upload_adapter
+
+    trained = write_lora(tmp_path / "trained", rank=4, seed=5)
+    info = upload_adapter(server.target, trained, tls_ca=pki["ca"], tls_cert=pki["client_cert"], tls_key=pki["client_key"])
+    assert info.adapter_id == "trained"
+    with pytest.raises(grpc.RpcError) as refused_upload:
+        upload_adapter(server.target, trained, "again", tls_ca=pki["ca"])  # no client certificate
+    assert refused_upload.value.code() == grpc.StatusCode.UNAVAILABLE

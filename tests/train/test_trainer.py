@@ -208,7 +208,7 @@ def test_cli_reports_bad_data_with_line_number(tiny_model_dir, tmp_path, capsys)
 def test_module_help():
     proc = subprocess.run([sys.executable, "-m", "loraplex.adapters.train", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0
-    assert "--loraplus-ratio" in proc.stdout and "--upload" in proc.stdout and "--target-r" in proc.stdout
+    assert "--loraplus-ratio" in proc.stdout and "--upload" in proc.stdout and "--target-r" in proc.stdout and "--tls-ca" in proc.stdout
 
 
 @pytest.mark.parametrize(

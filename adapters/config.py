@@ -15,7 +15,6 @@ This module knows nothing of tensors; max-rank limits are checked by `parse_adap
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from typing import Any, Mapping
 
 from .errors import AdapterError
 from .form import TARGET_MODULES, ModuleKey
+from .strict_json import strict_json
 
 # Where each target module sits in a Llama-family decoder layer.
 MODULE_PARENT = {
@@ -374,24 +374,6 @@ def parse_adapter_config(raw: Any, *, max_rank: int | None = None) -> AdapterCon
     return config
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
-    out: dict = {}
-    for k, v in pairs:
-        if k in out:
-            raise AdapterError(f"adapter_config.json has the key {k!r} twice")
-        out[k] = v
-    return out
-
-
-def _no_constants(name: str):
-    raise AdapterError(f"adapter_config.json contains {name}, which is not JSON")
-
-
 def decode_config_json(data: bytes) -> Any:
     """The JSON value of adapter_config.json bytes (duplicate keys and NaN refused)."""
-    try:
-        return json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
-    except AdapterError:
-        raise
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise AdapterError(f"adapter_config.json is not valid JSON: {e}") from None
+    return strict_json(data, "adapter_config.json")

@@ -26,7 +26,6 @@ nothing of adapters (key names, shapes per module): see loader.py.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -37,6 +36,7 @@ import torch
 
 from .errors import AdapterError
 from .files import open_regular_file
+from .strict_json import strict_json
 
 MAX_HEADER_BYTES = 16 * 2**20  # the reference implementation's own cap (100 MB) is far above any adapter's
 MAX_NDIM = 8
@@ -64,19 +64,6 @@ class TensorEntry:
     end: int
 
 
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
-    out: dict = {}
-    for k, v in pairs:
-        if k in out:
-            raise AdapterError(f"safetensors header has the key {k!r} twice")
-        out[k] = v
-    return out
-
-
-def _no_constants(name: str):
-    raise AdapterError(f"safetensors header contains {name}, which is not JSON")
-
-
 def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -90,13 +77,7 @@ def parse_header(header: bytes, data_len: int) -> list[TensorEntry]:
             f"safetensors header has {containers} JSON objects and arrays and {strings} strings in "
             f"{len(header)} bytes; a real header has a few per tensor entry of 50-150 bytes"
         )
-    try:
-        text = header.decode("utf-8")
-        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
-    except AdapterError:
-        raise
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise AdapterError(f"safetensors header is not valid JSON: {e}") from None
+    obj = strict_json(header, "safetensors header")
     if not isinstance(obj, dict):
         raise AdapterError(f"safetensors header is a JSON {type(obj).__name__}, not an object")
 

@@ -15,15 +15,13 @@ import hashlib
 import os
 import sys
 import threading
-import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
 import loraplex
+from live_server import LiveServer
 from lora_dirs import ALL_MODULES, lora_config, lora_tensors, module_shapes, safetensors_bytes, write_adapter, write_lora
 
 TINY = Path(loraplex.__file__).parent / "assets" / "tiny-llama"
@@ -36,38 +34,9 @@ GOOD = "good"  # a LoRA in the adapter root at start; tests may generate with it
 
 
 @dataclass
-class Hardened:
-    server: object  # LoraplexServer
-    target: str
+class Hardened(LiveServer):
     adapter_root: Path
     outside: Path  # beside the adapter root: sentinels that nothing may touch
-
-    @property
-    def engine(self):
-        return self.server.engine
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.server.metrics_port}/metrics"
-
-    def scrape(self) -> dict[tuple[str, tuple], float]:
-        from prometheus_client.parser import text_string_to_metric_families
-
-        text = urllib.request.urlopen(self.metrics_url, timeout=10).read().decode()
-        return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples}
-
-    def wait_for(self, condition: Callable[[], bool], timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            assert time.monotonic() < deadline, f"{what} not reached within {timeout}s: {self.engine.stats()}"
-            time.sleep(0.01)
-
-    def wait_idle(self, timeout: float = 15.0) -> None:
-        def idle():
-            s = self.engine.stats()
-            return s.running == 0 and s.queue_depth == 0 and s.kv_blocks_used == 0 and s.adapter_pins == 0
-
-        self.wait_for(idle, timeout, "an idle engine")
 
     def leftovers(self) -> list[str]:
         """Temp and trash directories of uploads in the adapter root."""

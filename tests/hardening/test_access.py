@@ -20,19 +20,12 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from loraplex.client import LoraplexClient
 from loraplex.server import cli
-from loraplex.v1 import admin_pb2, admin_pb2_grpc, generate_pb2, generate_pb2_grpc
+from loraplex.v1 import generate_pb2, generate_pb2_grpc
+from live_server import code_of
 from lora_dirs import write_lora
 
 API_TOKENS = ("client-token-a", "client-token-b")
 GEN = dict(max_new_tokens=4, ignore_eos=True)
-
-
-def code_of(call) -> grpc.StatusCode:
-    try:
-        call()
-    except grpc.RpcError as e:
-        return e.code()
-    return grpc.StatusCode.OK
 
 
 # -- certificates -----------------------------------------------------------------------------------

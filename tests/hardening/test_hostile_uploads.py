@@ -28,20 +28,13 @@ import torch
 
 from loraplex.client import LoraplexClient
 from loraplex.v1 import admin_pb2, admin_pb2_grpc
+from live_server import code_of
 
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 GEN = dict(max_new_tokens=8, ignore_eos=True)  # greedy
 
 
 # -- helpers ------------------------------------------------------------------------------------
-def code_of(call) -> grpc.StatusCode:
-    try:
-        call()
-    except grpc.RpcError as e:
-        return e.code()
-    return grpc.StatusCode.OK
-
-
 def messages(adapter_id: str, files: dict[str, bytes], replace: bool = False, chunk: int = 256 << 10):
     yield admin_pb2.UploadAdapterRequest(header=admin_pb2.UploadHeader(adapter_id=adapter_id, replace=replace))
     for name, data in files.items():

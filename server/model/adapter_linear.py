@@ -90,12 +90,12 @@ class AdapterLinear(nn.Module):
 
     def fits(self, deltas: Sequence[ModuleDelta | None], evicted: set[int]) -> bool:
         """Would `load(_, deltas)` find its pages once the slots `evicted` are cleared?
-        Factors already resident under a delta's shared key cost nothing."""
+        Factors already resident under a delta's shared key cost nothing. (Asked again
+        each step a request waits: it reads ranks and keys only, and folds nothing.)"""
         for i, d in enumerate(deltas):
-            d = self._stored(d)
             if d is None:
                 continue
-            key = d.shared_key
+            key = None if self.fold_shared else d.shared_key  # folded factors are the slot's own
             if key is not None and key in self._factors[i]:
                 continue
             freed = sum(len(f.pages) for f in self._factors[i].values() if f.holders <= evicted)

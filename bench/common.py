@@ -1,18 +1,24 @@
 """Shared benchmark helpers: timing (CUDA events with a cold L2, or wall clock on CPU),
-device copy bandwidth, table printing and JSON results. No asserts on timings here:
+device copy bandwidth, table printing, JSON results and PNG plots beside them. No asserts on timings here:
 benchmarks report, tests check."""
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+
+from loraplex.startup import quiet_bitsandbytes
+
+quiet_bitsandbytes()  # every benchmark imports this module before bitsandbytes (loraplex/startup.py)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # Larger than any GPU's L2 (H100 50 MB, H200 60 MB): zeroing it before each timed call
@@ -105,3 +111,54 @@ def print_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -
     print("  ".join(h.rjust(w) for (_, h, _), w in zip(columns, widths)))
     for c in cells:
         print("  ".join(v.rjust(w) for v, w in zip(c, widths)))
+
+
+def write_png(path: Path | str, title: str, panels: Sequence[tuple[str, dict[str, Sequence[tuple[float, float]]]]],
+              xlabel: str = "t (s)") -> Path | None:
+    """Line plots stacked vertically, one per panel (y label, {series label: [(x, y), ...]}),
+    written as a PNG (matplotlib, of the dev extras; None with a note where it is missing).
+    Uses matplotlib's object API only: no pyplot state, no display needed."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        print("matplotlib is not installed (pip install -e .[dev]): no PNG written", file=sys.stderr)
+        return None
+    fig = Figure(figsize=(8, 2.6 * len(panels)), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, (ylabel, series) in zip(axes, panels):
+        for label, points in series.items():
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker=".", label=label)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend(loc="best", fontsize="small")
+    axes[0].set_title(title)
+    axes[-1].set_xlabel(xlabel)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def add_kernel_bench_args(p, name: str, budget: float) -> None:
+    """--budget, --out and --seed, as every kernel bench takes them."""
+    p.add_argument("--budget", type=float, default=budget, help="seconds of timing per measurement (at least 5 calls)")
+    p.add_argument("--out", type=Path, default=None, help=f"JSON path (default bench/results/{name}-<UTC time>.json)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def kernel_bench_device(smoke: bool) -> torch.device | None:
+    """The device of a kernel bench: the CPU under Triton's interpreter for --smoke (set
+    before the kernel modules are imported: @triton.jit reads it at decoration), else
+    CUDA; None (after saying why) when there is no CUDA device."""
+    if smoke:
+        os.environ["TRITON_INTERPRET"] = "1"
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        print("no CUDA device: the full table needs a GPU (try --smoke)", file=sys.stderr)
+        return None
+    return torch.device("cuda")

@@ -41,9 +41,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
-from pathlib import Path
 
 import torch
 
@@ -320,27 +318,20 @@ def parse_args(argv=None):
     p.add_argument("--modules", nargs="+", default=None, help=f"subset of {list(MODULES)}")
     p.add_argument("--ranks", nargs="+", default=None, help="subset of 8 16 64 mix (or any integer)")
     p.add_argument("--phases", nargs="+", default=["decode", "prefill", "vera"], choices=["decode", "prefill", "vera"])
-    p.add_argument("--budget", type=float, default=0.3, help="seconds of timing per measurement (at least 5 calls)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="JSON path (default bench/results/lora_kernels-<UTC time>.json)")
-    p.add_argument("--seed", type=int, default=0)
+    common.add_kernel_bench_args(p, "lora_kernels", 0.3)
     return p.parse_args(argv)  # fmt: skip
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    device = common.kernel_bench_device(args.smoke)
+    if device is None:
+        return 2
     if args.smoke:
-        # before the kernel modules are imported: @triton.jit reads it at decoration
-        os.environ["TRITON_INTERPRET"] = "1"
-        device = torch.device("cpu")
         modules, num_slots, decode_batches, prefill = SMOKE_MODULES, 8, [4], [(40, 2)]
         args.modules = args.modules or ["qkv"]
         args.ranks = args.ranks or ["8", "mix"]
     else:
-        if not torch.cuda.is_available():
-            print("no CUDA device: the full sweep needs a GPU (try --smoke)", file=sys.stderr)
-            return 2
-        device = torch.device("cuda")
         modules, num_slots, decode_batches, prefill = MODULES, NUM_SLOTS, DECODE_BATCHES, PREFILL
         args.modules = args.modules or list(MODULES)
         args.ranks = args.ranks or ["8", "16", "64", "mix"]

@@ -21,9 +21,7 @@ and reports the fastest, to replace the unmeasured tile table in kernels/nf4_mat
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 
 import torch
 
@@ -144,22 +142,16 @@ def parse_args(argv=None):
     p.add_argument("--shapes", nargs="+", default=None, help=f"subset of {list(SHAPES)} (quote the names)")
     p.add_argument("--m", nargs="+", type=int, default=None, help=f"token counts (default {MS})")
     p.add_argument("--sweep", action="store_true", help="also time candidate tile configs per (shape, M)")
-    p.add_argument("--budget", type=float, default=0.2, help="seconds of timing per measurement (at least 5 calls)")
-    p.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/nf4_matmul-<UTC time>.json)")
-    p.add_argument("--seed", type=int, default=0)
+    common.add_kernel_bench_args(p, "nf4_matmul", 0.2)
     return p.parse_args(argv)  # fmt: skip
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.smoke:
-        os.environ["TRITON_INTERPRET"] = "1"  # before the kernel module is imported: @triton.jit reads it
-        device, shapes, ms = torch.device("cpu"), SMOKE_SHAPES, args.m or SMOKE_MS
-    else:
-        if not torch.cuda.is_available():
-            print("no CUDA device: the full table needs a GPU (try --smoke)", file=sys.stderr)
-            return 2
-        device, shapes, ms = torch.device("cuda"), SHAPES, args.m or MS
+    device = common.kernel_bench_device(args.smoke)
+    if device is None:
+        return 2
+    shapes, ms = (SMOKE_SHAPES, args.m or SMOKE_MS) if args.smoke else (SHAPES, args.m or MS)
     if args.shapes:
         unknown = set(args.shapes) - set(shapes)
         if unknown:

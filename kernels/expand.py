@@ -30,7 +30,9 @@ from loraplex.kernels.rank_pages import RANK_PAGE, check_table, rows_of
 MAX_SLICES_PER_LAUNCH = 3  # q|k|v, the widest fused module of the Llama family; more slices take more launches
 # Output columns per program. 128 bf16 columns of y are 256 B per row (full cache lines);
 # the decode qkv case (6144 columns, 64 one-token tiles) still gets 3072 programs.
-# Chosen by reasoning, not yet measured on a GPU (bench/lora_kernels.py).
+# Chosen by reasoning, not yet timed on a GPU (bench/lora_kernels.py); an offline sm_90
+# compile (tests/kernels/test_compile_sm90.py, Triton 3.9) shows no spills: 51-76
+# registers at BLOCK_M 16, 126-148 at 64 (4 warps), 5-20 KiB of shared memory.
 BLOCK_N = 128
 # Rank step: one rank page (16 rows, the K of one bf16 tensor-core dot).
 BLOCK_K = RANK_PAGE

@@ -28,7 +28,9 @@ def block_m_for(num_tokens: int) -> int:
     """Tokens per tile. 16 is the smallest M of a tensor-core dot: decode batches (one
     token per request, segments of 1-4 tokens) then waste the least work. Past 256
     tokens a step is mostly prefill with long segments, and 64-row tiles read each
-    adapter tile 4x less often. Chosen by reasoning, not yet measured on a GPU."""
+    adapter tile 4x less often. Chosen by reasoning, not yet timed on a GPU; both sizes
+    compile for sm_90 without spills in shrink and expand at Llama-3-8B's shapes
+    (tests/kernels/test_compile_sm90.py)."""
     return 16 if num_tokens <= 256 else 64
 
 
@@ -98,8 +100,10 @@ class LoraMappingBuffers:
         self._arange = torch.arange(max_tokens, dtype=torch.int64, device=self.device)  # [T_max]
         self._slot_ids = torch.arange(num_slots + 1, dtype=torch.int64, device=self.device)  # [S + 1]
 
-    def update(self, token_slots: torch.Tensor) -> LoraMapping:
-        """Writes the mapping for `token_slots` ([T] int, on any device) in place and returns views."""
+    def update(self, token_slots: torch.Tensor, any_adapter: bool | None = None) -> LoraMapping:
+        """Writes the mapping for `token_slots` ([T] int, on any device) in place and returns
+        views. any_adapter: whether any slot is >= 0, when the caller knows it on the host
+        (None: read from CPU slots, assumed True for device ones)."""
         n = token_slots.shape[0]
         if n > self.max_tokens:
             raise ValueError(f"{n} tokens exceed the mapping capacity {self.max_tokens}")
@@ -110,7 +114,8 @@ class LoraMappingBuffers:
         g = num_tiles_bound(n, self.num_slots, bm)
         tiles = (self.tile_slots[:g], self.tile_starts[:g], self.tile_ends[:g])
         build_tiles_into(self.slot_starts, n, bm, self._arange[:g], *tiles)
-        any_adapter = bool((token_slots >= 0).any()) if token_slots.device.type == "cpu" else True
+        if any_adapter is None:
+            any_adapter = bool((token_slots >= 0).any()) if token_slots.device.type == "cpu" else True
         return LoraMapping(slots, self.sorted_tokens[:n], self.slot_starts, self.num_slots, any_adapter, bm, *tiles)
 
 

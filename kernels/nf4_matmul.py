@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from loraplex.kernels.rounding import round_to
+
 QBLOCK = 64  # NF4 quant block (elements of one weight row sharing an absmax); the only size supported
 
 
@@ -170,18 +172,6 @@ def nf4_matmul_ref(x: torch.Tensor, packed_data: torch.Tensor, quant_state, bias
 
 
 @triton.jit
-def _round_to(v, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
-    """fp32 -> DTYPE, round to nearest even. Triton's interpreter truncates fp32 -> bf16
-    (3.9), so there the rounding is done on the bits; on a GPU it is one cvt."""
-    if EMULATE:
-        if DTYPE == tl.bfloat16:
-            bits = v.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            v = bits.to(tl.float32, bitcast=True)
-    return v.to(DTYPE)
-
-
-@triton.jit
 def _lookup(code_ptr, idx, ASM: tl.constexpr):
     """code[idx] for the 16-entry fp32 NF4 table. With ASM (GPU) the gather is inline PTX:
     Triton's pipeliner stages every load that feeds a dot through shared memory (cp.async,
@@ -289,8 +279,8 @@ def _nf4_matmul_kernel(
             absmax = _block_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset, kb, offs_n, mask_n, N, KB,
                                    NESTED, NESTED_BS)
             lo, hi = _dequant_block(qw_ptr, code_ptr, absmax, kb, offs_n, mask_n, offs_j, HALF_K, SWAP_AB, ASM)
-            lo = _round_to(lo, DTYPE, EMULATE)
-            hi = _round_to(hi, DTYPE, EMULATE)
+            lo = round_to(lo, DTYPE, EMULATE)
+            hi = round_to(hi, DTYPE, EMULATE)
             k0 = kb * 64
             if SWAP_AB:  # acc[BN, BM] += w[BN, 32] @ xᵀ[32, BM]
                 x_lo = tl.load(x_rows[None, :] + k0 + offs_j[:, None], mask=mask_m[None, :], other=0.0)
@@ -323,7 +313,7 @@ def _nf4_matmul_kernel(
                 acc += b[:, None]
             else:
                 acc += b[None, :]
-        tl.store(out_ptr + offs, _round_to(acc, DTYPE, EMULATE), mask=mask)
+        tl.store(out_ptr + offs, round_to(acc, DTYPE, EMULATE), mask=mask)
 
 
 @triton.jit
@@ -340,7 +330,7 @@ def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, MN, N, SPLIT_K, stride_om
     n = offs % N
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + (offs // N) * stride_om + n, _round_to(acc, DTYPE, EMULATE), mask=mask)
+    tl.store(out_ptr + (offs // N) * stride_om + n, round_to(acc, DTYPE, EMULATE), mask=mask)
 
 
 @triton.jit
@@ -360,8 +350,8 @@ def _nf4_dequant_kernel(qw_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, of
         absmax = _block_absmax(absmax_ptr, absmax2_ptr, code2_ptr, offset, kb, offs_n, mask_n, N, K // 64,
                                NESTED, NESTED_BS)
         lo, hi = _dequant_block(qw_ptr, code_ptr, absmax, kb, offs_n, mask_n, offs_j, K // 2, True, ASM)
-        tl.store(rows + kb * 64, _round_to(lo, DTYPE, EMULATE), mask=mask_n[:, None])
-        tl.store(rows + kb * 64 + 32, _round_to(hi, DTYPE, EMULATE), mask=mask_n[:, None])
+        tl.store(rows + kb * 64, round_to(lo, DTYPE, EMULATE), mask=mask_n[:, None])
+        tl.store(rows + kb * 64 + 32, round_to(hi, DTYPE, EMULATE), mask=mask_n[:, None])
 
 
 # --------------------------------------------------------------------------- configs and policy
@@ -396,7 +386,10 @@ class TileConfig:
 
 
 # Tile table. UNMEASURED priors until bench/nf4_matmul.py runs on an H100 (`--sweep`
-# times candidates per shape and M); each says why it was chosen. The arithmetic behind
+# times candidates per shape and M); each says why it was chosen. The register and
+# shared-memory figures are compiler-checked, not timed: tests/kernels/test_compile_sm90.py
+# builds every bf16 config `config_for` picks at Llama-3-8B's and the tiny model's shapes
+# for sm_90 and fails on a spill. The arithmetic behind
 # them, for an H100 (132 SMs, ~1.75 GHz, 3.35 TB/s): streaming 4.13-bit weights at full
 # bandwidth needs ~26 weights per clock per SM; the NF4 lookup is one L1 wavefront per 32
 # weights (the 64-byte table is one line), which caps any variant at 32 weights/clk/SM.
@@ -405,8 +398,9 @@ class TileConfig:
 #   17 at M = 2; the tensor-core path is bound near 16 by the L1/shared traffic of the
 #   lookup plus staging the dequantized tile, so it takes over from M = 3. No dot means
 #   no cp.async pipelining: latency is hidden by occupancy and by GROUP_K = 4 independent
-#   loads per iteration. 8 warps keep it at 80 registers (offline sm_90 compile; 4 warps
-#   need 96-128, and M = 4 spills) -> 3 CTAs per SM, which split-K provides.
+#   loads per iteration. 8 warps keep it at 48 registers (80 with double quantization;
+#   offline sm_90 compile; 4 warps need 96-128, and M = 4 spills) -> 3 CTAs per SM, which
+#   split-K provides, never with splits of one iteration (`_plan`: those spill).
 GEMV = TileConfig(block_m=1, block_n=64, group_k=4, swap_ab=True, num_warps=8, num_stages=1, ctas_per_sm=3)
 # decode (M 3..16): tokens pad to 16 in the MMA's N slot and 64 weight rows fill a wgmma
 #   m64 with the weights as the register operand. A stage is 64 rows x 256 k = 8 KiB of
@@ -417,11 +411,13 @@ DECODE = TileConfig(block_m=16, block_n=64, group_k=4, swap_ab=True, num_warps=4
 # mid (M 17..256): weight-bound up to M ~ 75 (2M flop per 0.52 B of weight against the
 #   H100's ~295 flop/B), compute-bound past it; block_m is M rounded up to 32 or 64 so at
 #   most half a tile is padding, 128 weight rows per tile halve the re-reads of x, and
-#   swap-AB keeps the weights as the register operand of wgmma (86 KiB shared, 185 regs).
+#   swap-AB keeps the weights as the register operand of wgmma (offline sm_90 compile,
+#   Triton 3.9: block_m 64 147-203 regs, 84-86 KiB shared; block_m 32 94-118 regs,
+#   37-61 KiB; no spills).
 MID = TileConfig(block_m=64, block_n=128, group_k=2, swap_ab=True, num_warps=4, num_stages=3)
 # prefill: compute-bound; the Triton matmul tutorial's H100 bf16 tile (128x128, k 64 per
 #   stage, 8 warps, 3 stages), with block_n 128 rather than 256 to leave registers for
-#   the dequantization.
+#   the dequantization (offline sm_90 compile: 130-142 regs, 74-76 KiB shared, no spills).
 PREFILL = TileConfig(block_m=128, block_n=128, group_k=1, swap_ab=False, num_warps=8, num_stages=3)
 # fp32 activations use IEEE fp32 dots on CUDA cores, which spill above 64x32 tiles
 # (offline sm_90 compile: 128x128 needs ~11 KB of stack per thread); a correctness path.
@@ -491,6 +487,12 @@ def _plan(cfg: TileConfig, m: int, n: int, k: int, num_sms: int) -> tuple[int, i
         split = cfg.split_k
     else:
         split = min(max(1, cfg.ctas_per_sm * num_sms // tiles), MAX_SPLIT_K)
+        # >= 2 iterations per split: a split of one makes Triton specialize iters_per_split
+        # to the constant 1, and the GEMV then spills on sm_90 (K 4096, N 1024, M 1: 40 regs,
+        # 8-byte stack frame; with 2: 48 regs, none; offline compile, tests/kernels/
+        # test_compile_sm90.py). Such a split also writes an fp32 partial tile of up to
+        # half the bytes of weight it reads (DECODE: 4 KiB per 8 KiB).
+        split = min(split, max(1, iters - 1))
     per_split = triton.cdiv(iters, min(split, iters))
     return group, triton.cdiv(iters, per_split), per_split
 

@@ -56,7 +56,9 @@ class AdaLoraType:
             keep = e[:, 0] != 0
             if not bool(keep.any()):
                 continue
-            modules[key] = delta(key, (a * e)[keep], b[:, keep], float(scaling / ranknum), None, dtype)
+            sources = {"s": f"lora_alpha={config.lora_alpha!r} (r if <= 0) / (init_r={config.init_r} + 1e-5)",
+                       "A": f"{LORA_A} ⊙ {LORA_E}", "B": LORA_B}  # fmt: skip
+            modules[key] = delta(key, (a * e)[keep], b[:, keep], float(scaling / ranknum), None, dtype, base=base, sources=sources)
         return AdapterWeights(adapter_type="adalora", modules=modules, config=dict(config.raw))
 
 

@@ -10,6 +10,8 @@ future PEFT feature is never silently dropped.
 Target matching (`targets`), `rank_pattern`/`alpha_pattern` lookups (`rank_for`,
 `alpha_for`) follow PEFT 0.21 (`check_target_module_exists`, `get_pattern_key`) on the
 module names of a Hugging Face Llama-family model (`model.layers.{i}.self_attn.q_proj`).
+Every regex of a config is compiled (in the form PEFT wraps it in) when the config is
+built, and matched through its PatternMatcher (patterns.py): time-bounded, GIL released.
 This module knows nothing of tensors; max-rank limits are checked by `parse_adapter_config`.
 """
 
@@ -23,6 +25,7 @@ from typing import Any, Mapping
 
 from .errors import AdapterError
 from .form import TARGET_MODULES, ModuleKey
+from .patterns import PatternMatcher
 from .strict_json import strict_json
 
 # Where each target module sits in a Llama-family decoder layer.
@@ -120,20 +123,25 @@ def _is_int(v: object) -> bool:
 
 
 def _is_number(v: object) -> bool:
-    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+    if not (_is_int(v) or isinstance(v, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int past float's range
+        return False
+
+
+# How PEFT 0.21 wraps the patterns of a config before matching them (prefix, suffix).
+_PATTERN_KEY_WRAP = (r"(.*\.)?(", r")$")  # get_pattern_key: re.match(rf"(.*\.)?({p})$", key)
+_LAYERS_WRAP = (r"(?:^|.*?\.)", r"\.(?P<idx>\d+)\.")  # layer index after a layers_pattern
+_DEFAULT_LAYERS = r".*?\.[^.]*\.(?P<idx>\d+)\."  # layer index without one (ours: a trusted pattern)
 
 
 def _str_list(name: str, v: object, *, allow_regex: bool) -> tuple[str, ...] | str | None:
     if v is None:
         return None
     if isinstance(v, str):
-        if not allow_regex:
-            return (v,)
-        try:
-            re.compile(v)
-        except re.error as e:
-            raise AdapterError(f"adapter_config.json: {name} {v!r} is not a valid regular expression: {e}") from None
-        return v
+        return v if allow_regex else (v,)  # a regex: compiled by AdapterConfig
     if isinstance(v, list) and all(isinstance(s, str) for s in v):
         return tuple(v)
     raise AdapterError(f"adapter_config.json: {name} must be a list of strings or a string, not {v!r}")
@@ -164,6 +172,7 @@ class AdapterConfig:
     target_r: int = 8  # AdaLoRA
     rank_masks: Mapping[ModuleKey, tuple[bool, ...]] | None = None  # AdaLoRA's saved rank_pattern: kept rows [init_r]
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)  # the JSON as read
+    _patterns: PatternMatcher = field(init=False, compare=False, repr=False)  # this config's regexes, bounded
 
     def __post_init__(self) -> None:
         spec = SPECS.get(self.peft_type) if isinstance(self.peft_type, str) else None
@@ -213,11 +222,15 @@ class AdapterConfig:
         for pattern, value in self.alpha_pattern.items():
             if not _is_number(value):
                 raise err(f"alpha_pattern[{pattern!r}] must be a finite number, not {value!r}")
-        for pattern in (*self.rank_pattern, *self.alpha_pattern):
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise err(f"rank/alpha pattern {pattern!r} is not a valid regular expression: {e}") from None
+        object.__setattr__(self, "_patterns", PatternMatcher())
+        for name in ("target_modules", "exclude_modules"):
+            if isinstance(getattr(self, name), str):
+                self._patterns.compile(getattr(self, name), name)
+        for name in ("rank_pattern", "alpha_pattern"):
+            for pattern in getattr(self, name):
+                self._patterns.compile(pattern, f"{name} key", _PATTERN_KEY_WRAP)
+        for pattern in self.layers_pattern or ():
+            self._patterns.compile(pattern, "layers_pattern", _LAYERS_WRAP)
         if not _is_int(self.projection_prng_key) or not -(2**63) <= self.projection_prng_key < 2**64:
             raise err(f"projection_prng_key must be a 64-bit integer, not {self.projection_prng_key!r}")
         for key, mask in (self.rank_masks or {}).items():
@@ -228,15 +241,16 @@ class AdapterConfig:
 
     def targets(self, key: str) -> bool:
         """Whether PEFT would adapt the module named `key` (check_target_module_exists)."""
+        match = self._patterns.match
         ex = self.exclude_modules
         if ex:
             if isinstance(ex, str):
-                if re.fullmatch(ex, key):
+                if match("fullmatch", ex, key, "exclude_modules"):
                     return False
             elif key in ex or any(key.endswith(f".{e}") for e in ex):
                 return False
         if isinstance(self.target_modules, str):
-            return re.fullmatch(self.target_modules, key) is not None
+            return match("fullmatch", self.target_modules, key, "target_modules") is not None
         if key in self.target_modules:
             return True
         if not any(key.endswith(f".{t}") for t in self.target_modules):
@@ -244,17 +258,17 @@ class AdapterConfig:
         ltt = self.layers_to_transform
         if ltt is None or (isinstance(ltt, tuple) and len(ltt) == 0):
             return True
-        match = None
+        found = None
         if not self.layers_pattern:
-            match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+            found = match("match", _DEFAULT_LAYERS, key, "the layer index pattern")
         else:
             for pattern in self.layers_pattern:
-                match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
-                if match is not None:
+                found = match("match", pattern, key, "layers_pattern", _LAYERS_WRAP)
+                if found is not None:
                     break
-        if match is None:
+        if found is None:
             return False
-        idx = int(match.group("idx"))
+        idx = int(found.group("idx"))  # of one of our module names: a few ASCII digits
         return idx == ltt if _is_int(ltt) else idx in ltt
 
     def targeted_modules(self, num_layers: int) -> list[ModuleKey]:
@@ -274,19 +288,18 @@ class AdapterConfig:
         t = self.target_modules
         return repr(t) if isinstance(t, str) else repr(list(t))
 
-    @staticmethod
-    def _pattern_key(patterns: Mapping[str, Any], key: str) -> str | None:
+    def _pattern_key(self, patterns: Mapping[str, Any], key: str, name: str) -> str | None:
         for p in patterns:  # first match wins, in file order (get_pattern_key)
-            if re.match(rf"(.*\.)?({p})$", key):
+            if self._patterns.match("match", p, key, f"{name} key", _PATTERN_KEY_WRAP):
                 return p
         return None
 
     def rank_for(self, key: str) -> int:
-        p = self._pattern_key(self.rank_pattern, key)
+        p = self._pattern_key(self.rank_pattern, key, "rank_pattern")
         return self.r if p is None else self.rank_pattern[p]
 
     def alpha_for(self, key: str) -> float:
-        p = self._pattern_key(self.alpha_pattern, key)
+        p = self._pattern_key(self.alpha_pattern, key, "alpha_pattern")
         return self.lora_alpha if p is None else self.alpha_pattern[p]
 
     @property
@@ -319,7 +332,7 @@ def _convert_field(name: str, v: Any) -> Any:
 # An AdaLoRA rank_pattern key as PEFT saves it: "model.layers.0.self_attn.q_proj.lora_E" (the adapter
 # name is stripped at save; tolerate it, and a "base_model.model." prefix).
 _MASK_KEY = re.compile(
-    r"^(?:base_model\.model\.)?model\.layers\.(0|[1-9][0-9]*)\.(self_attn|mlp)\.(\w+)\.lora_E(?:\.[^.]+)?$"
+    r"^(?:base_model\.model\.)?model\.layers\.(0|[1-9][0-9]{0,8})\.(self_attn|mlp)\.(\w+)\.lora_E(?:\.[^.]+)?$"
 )
 
 

@@ -39,7 +39,8 @@ ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)
 PICKLE_WEIGHTS = tuple(f"adapter_model.{ext}" for ext in ("bin", "pt", "pth", "ckpt", "pkl", "pickle"))
 MAX_CONFIG_BYTES = 1 << 20
 
-_MODULE_KEY = re.compile(r"^base_model\.model\.model\.layers\.(0|[1-9][0-9]*)\.(\w+)\.(\w+)\.(.+)$")
+# A layer index of at most 9 digits: int() of thousands would raise (and no base has that many layers).
+_MODULE_KEY = re.compile(r"^base_model\.model\.model\.layers\.(0|[1-9][0-9]{0,8})\.(\w+)\.(\w+)\.(.+)$")
 _SHARED_KEY = re.compile(r"^base_model\.(\w+)$")
 
 

@@ -49,12 +49,14 @@ class LoraType:
             a = expect(ts, LORA_A, (r, inn), key, base, note)  # [r, in]
             b = expect(ts, LORA_B, (out, r), key, base, note)  # [out, r]
             scale = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+            sources = {"s": f"lora_alpha={alpha!r} / {'sqrt(r)' if config.use_rslora else 'r'}, r={r}",
+                       "A": LORA_A, "B": LORA_B, "g": MAGNITUDE}  # fmt: skip
             g = None
             if config.use_dora:
                 m = expect(ts, MAGNITUDE, (out,), key, base)  # [out]
                 w = base.dense_weight(*key).float()  # [out, in]
                 g = m / torch.linalg.norm(w + scale * (b @ a), dim=1)
-            modules[key] = delta(key, a, b, float(scale), g, dtype)
+            modules[key] = delta(key, a, b, float(scale), g, dtype, base=base, sources=sources)
         return AdapterWeights(adapter_type="dora" if config.use_dora else "lora", modules=modules, config=dict(config.raw))
 
 

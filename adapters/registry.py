@@ -10,7 +10,6 @@ Nothing outside the types dispatches on the type: callers look it up here.
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Hashable, Mapping, Protocol
@@ -20,6 +19,7 @@ import torch
 from .config import AdapterConfig
 from .errors import AdapterError
 from .form import AdapterWeights, BaseModelView, ModuleDelta, ModuleKey
+from .numerics import check_delta
 
 
 @dataclass(frozen=True)
@@ -102,18 +102,19 @@ def delta(
     g: torch.Tensor | None,
     dtype: torch.dtype,
     *,
+    base: BaseModelView,
+    sources: Mapping[str, str],
     rank_scale: torch.Tensor | None = None,
     out_scale: torch.Tensor | None = None,
     shared_key: Hashable | None = None,
 ) -> ModuleDelta:
-    """A ModuleDelta in `dtype` (contiguous, detached), refused if anything is not finite."""
+    """A ModuleDelta in `dtype` (contiguous, detached), refused unless it is servable
+    (numerics.py: finite where stored, on the scale of the base module `key`).
+    sources: "s", "A", "B", "g", "rank_scale", "out_scale" -> the field or tensor each came
+    from, for the messages (e.g. {"s": "lora_alpha=16 / r=8", "A": "lora_A.weight"})."""
     optional = {"g": g, "rank_scale": rank_scale, "out_scale": out_scale}
     parts = {"A": a, "B": b} | {n: t for n, t in optional.items() if t is not None}
-    cast = {n: t.detach().to(dtype).contiguous() for n, t in parts.items()}
-    for n, t in cast.items():
-        if not bool(torch.isfinite(t).all()):
-            raise AdapterError(f"{module_label(key)}: converted {n} has NaN or Inf values in {dtype}")
-    if not (isinstance(scale, float) and math.isfinite(scale)):
-        raise AdapterError(f"{module_label(key)}: scale {scale!r} is not finite")
-    return ModuleDelta(a=cast["A"], b=cast["B"], scale=scale, g=cast.get("g"), rank_scale=cast.get("rank_scale"),
+    cast = {n: t.detach().to(dtype).contiguous() for n, t in parts.items()}  # d too: finite in dtype, so in float32
+    check_delta(module_label(key), cast, float(scale), dtype, base, key, sources)
+    return ModuleDelta(a=cast["A"], b=cast["B"], scale=float(scale), g=cast.get("g"), rank_scale=cast.get("rank_scale"),
                        out_scale=cast.get("out_scale"), shared_key=shared_key)  # fmt: skip

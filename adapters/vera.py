@@ -34,6 +34,7 @@ from .registry import AdapterTensors, TensorNames, delta, expect
 
 LAMBDA_B = "vera_lambda_b"
 LAMBDA_D = "vera_lambda_d"
+_SOURCES = {"s": "VeRA's s = 1", "A": "vera_A", "B": "vera_B", "rank_scale": LAMBDA_D, "out_scale": LAMBDA_B}
 
 
 def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
@@ -92,7 +93,8 @@ class VeraType:
             if out not in b_of:
                 b_of[out] = vera_b[:out, :r].to(dtype).contiguous()  # [out, r]
             shared = ("vera", digest, r, inn, out, str(dtype))
-            modules[key] = delta(key, a_of[inn], b_of[out], 1.0, None, dtype, rank_scale=lambda_d, out_scale=lambda_b, shared_key=shared)
+            modules[key] = delta(key, a_of[inn], b_of[out], 1.0, None, dtype, base=base, sources=_SOURCES,
+                                 rank_scale=lambda_d, out_scale=lambda_b, shared_key=shared)  # fmt: skip
         return AdapterWeights(adapter_type="vera", modules=modules, config=dict(config.raw))
 
 

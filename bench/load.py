@@ -26,8 +26,10 @@ whatever the batch). The server's RSS is sampled (/proc/<pid>/status) every
 --rss-interval seconds. The bar: zero lost, zero INTERNAL, flat memory.
 
 Bounded by --duration seconds and --max-requests; each request by --request-timeout.
-Prints tables; writes JSON to bench/results/load-<time>.json (or --json). Reports,
-never asserts.
+Every --progress-interval seconds it prints a line to stderr (elapsed, sent, completed,
+lost so far, failures by code, server RSS). At the end it prints tables, writes JSON to
+bench/results/load-<time>.json (or --json), and beside it a PNG of the server's RSS and
+the completed requests/s over time (matplotlib, of the dev extras). Reports, never asserts.
 """
 
 from __future__ import annotations
@@ -301,6 +303,37 @@ class Load:
                 except grpc.RpcError as e:
                     self.churn[f"unload {e.code().name}"] += 1
 
+    def progress(self, t0: float, pid: int | None) -> dict:
+        """The counts so far: one progress line, and a point of the requests/s series."""
+        with self._lock:
+            outs = list(self.outcomes.values())
+        codes = Counter(o.code for o in outs if o.code is not None)
+        lost = sum(codes.get(c, 0) for c in ("NO_FINISH", "DEADLINE_EXCEEDED"))
+        expected_nf = sum(1 for o in outs if o.code == NOT_FOUND and self.adapters.was_retired(o.adapter))
+        failed = Counter({c: n for c, n in codes.items() if c not in ("OK", "NO_FINISH", "DEADLINE_EXCEEDED")})
+        failed[NOT_FOUND] -= expected_nf
+        return {"t": time.monotonic() - t0, "sent": len(outs), "completed": codes.get("OK", 0), "lost": lost,
+                "failed": dict(+failed), "rss_mb": rss_mb(pid)}  # fmt: skip
+
+    def progress_loop(self, t0: float, pid: int | None, points: list[dict]) -> None:
+        """Every --progress-interval s until the load stops: a line on stderr, a point in `points`."""
+        while not self.stop.wait(self.args.progress_interval):
+            p = self.progress(t0, pid)
+            prev = points[-1] if points else {"t": 0.0, "completed": 0}
+            p["requests_per_s"] = (p["completed"] - prev["completed"]) / max(p["t"] - prev["t"], 1e-9)
+            points.append(p)
+            failed = " ".join(f"{c}={n}" for c, n in sorted(p["failed"].items())) or "none"
+            rss = "-" if p["rss_mb"] is None else f"{p['rss_mb']:.0f} MiB"
+            print(f"[{p['t']:6.0f}s] sent {p['sent']}  completed {p['completed']} ({p['requests_per_s']:.1f}/s)  "
+                  f"lost {p['lost']}  failed {failed}  churn {dict(self.churn) or '-'}  server RSS {rss}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+
+    def completed_per_s(self, t0: float, bin_s: float) -> list[tuple[float, float]]:
+        """Completed requests/s in bins of `bin_s` seconds: [(bin middle s, rate)]."""
+        with self._lock:
+            bins = Counter(int((o.done - t0) // bin_s) for o in self.outcomes.values() if o.code == "OK")
+        return [((i + 0.5) * bin_s, bins.get(i, 0) / bin_s) for i in range(max(bins, default=-1) + 1)]
+
     def summary(self, t0: float, wall: float) -> dict:
         outs = list(self.outcomes.values())
         codes = Counter(o.code for o in outs if o.code is not None)
@@ -378,6 +411,7 @@ def parse_args(argv=None):
     p.add_argument("--no-churn", action="store_true", help="no uploads or unloads during the load")
     p.add_argument("--request-timeout", type=float, default=60.0, help="deadline of each request, seconds")
     p.add_argument("--rss-interval", type=float, default=5.0, help="seconds between server RSS samples")
+    p.add_argument("--progress-interval", type=float, default=10.0, help="seconds between progress lines on stderr")
     p.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("the started server (without --target)")
     g.add_argument("--adapter-slots", type=int, default=4, help="device adapter slots (fewer than --adapters: evictions)")
@@ -433,8 +467,11 @@ def main(argv=None) -> int:
         load.end = t0 + args.duration
         threads = [threading.Thread(target=load.client_loop, args=(i,), name=f"client-{i}", daemon=True) for i in range(args.clients)]
         threads.append(threading.Thread(target=load.churn_loop, name="churn", daemon=True))
+        progress: list[dict] = []
+        reporter = threading.Thread(target=load.progress_loop, args=(t0, pid, progress), name="progress", daemon=True)
         for t in threads:
             t.start()
+        reporter.start()
         try:
             for t in threads:
                 t.join(max(0.0, load.end - time.monotonic()) + args.request_timeout + 30)
@@ -445,6 +482,7 @@ def main(argv=None) -> int:
                 t.join(args.request_timeout + 30)
         wall = time.monotonic() - t0
         load.stop.set()
+        reporter.join(5)
         stuck = [t.name for t in threads if t.is_alive()]
 
         idle = wait_gauges(metrics_url, 30, GAUGES[:3])
@@ -468,7 +506,8 @@ def main(argv=None) -> int:
         summary.update(stuck_threads=stuck, rss_start_mb=rss_start, rss_end_mb=rss_end, rss_after_unload_mb=rss_after_unload,
                        rss_max_mb=max((v for _, v in rss_samples), default=None), rss_samples=rss_samples,
                        gauges_after_load=idle, gauges_after_unload=after_unload,
-                       server_stream_codes=_server_codes(before, after, "GenerateStream"))  # fmt: skip
+                       server_stream_codes=_server_codes(before, after, "GenerateStream"), progress=progress,
+                       completed_per_s=load.completed_per_s(t0, max(1.0, args.duration / 100)))  # fmt: skip
         if server is not None:
             summary["server_exit_code"] = server.stop(timeout=30)
             summary["server_log_errors"] = server.log_errors()[:50]
@@ -476,7 +515,11 @@ def main(argv=None) -> int:
             summary["server_command"] = server.command
         report(args, summary)
         payload = {"env": _environment(), "args": {k: str(v) for k, v in vars(args).items()}, "summary": summary}
-        print(f"wrote {common.write_json(args.json, 'load', payload)}", file=sys.stderr)
+        written = common.write_json(args.json, "load", payload)
+        print(f"wrote {written}", file=sys.stderr)
+        png = plot(written.with_suffix(".png"), args, summary)
+        if png is not None:
+            print(f"wrote {png}", file=sys.stderr)
         return 0
     finally:
         if server is not None:
@@ -544,6 +587,13 @@ def report(args, s: dict) -> None:
         picked = samples[::step] + ([samples[-1]] if (len(samples) - 1) % step else [])
         print("\nserver RSS samples")
         common.print_table([{"t": t, "rss": v} for t, v in picked], [("t", "t s", ".0f"), ("rss", "RSS MiB", ".1f")])
+
+
+def plot(path: Path, args, s: dict) -> Path | None:
+    """The server's RSS and the completed requests/s over the run, as a PNG."""
+    title = f"loraplex load: {args.clients} clients, {args.adapters} adapters, {s['wall_s']:.0f}s"
+    return common.write_png(path, title, [("server RSS (MiB)", {"RSS": s["rss_samples"]}),
+                                          ("completed requests/s", {"completed": s["completed_per_s"]})])  # fmt: skip
 
 
 def _gauges(g: dict) -> str:

@@ -392,6 +392,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from loraplex.startup import quiet_bitsandbytes
+
+    quiet_bitsandbytes()  # before anything imports bitsandbytes (loraplex/startup.py)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
     try:

@@ -207,7 +207,7 @@ def test_nan(adapter, load):
 
 def test_half_precision_overflow_after_conversion(adapter, dense_view):
     edit_tensors(adapter, lambda t: t[f"{Q0}.lora_A.weight"].fill_(1e6))
-    with pytest.raises(AdapterError, match="layer 0 q_proj: converted A has NaN or Inf values in torch.float16"):
+    with pytest.raises(AdapterError, match=r"layer 0 q_proj: converted A \(lora_A.weight\) has NaN or Inf values in torch.float16"):
         load_adapter_dir(adapter, dense_view, max_rank=16, dtype=torch.float16)
 
 

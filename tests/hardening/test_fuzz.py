@@ -267,3 +267,150 @@ def test_admin_requests(hardened, kit, wire, untouched):
                 hardened.engine.adapters.remove(adapter_id)
 
     check()
+
+
+# -- adapter files ----------------------------------------------------------------------------------
+# adapter_config.json fields and tensor names, fuzzed one at a time in an otherwise valid LoRA,
+# through load_adapter_dir directly (many examples, no server) and through uploads (a few, the
+# server's answer and its temp directories). Never anything but a refusal (AdapterError) or a load.
+FILE_SETTINGS = settings(SETTINGS, max_examples=400)
+CONFIG_FIELDS = ("peft_type", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "r",
+                 "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "init_lora_weights", "bias",
+                 "modules_to_save", "fan_in_fan_out", "lora_bias", "layer_replication", "init_r", "target_r",
+                 "projection_prng_key", "save_projection", "d_initial", "a_field_from_the_future")  # fmt: skip
+REGEXY = st.sampled_from(["(", "[", "(?i)q_proj", ".*", "q_proj", "v_proj", r"\d+", r"model\.layers\.0\..*", "layers",
+                          "q_proj|v_proj", r"(?:.|\.|[a-z]|\w)*(?!)", "a{4294967296}", "(?P<idx>x)", "", "LORA", "VERA"])  # fmt: skip
+json_scalars = st.one_of(st.none(), st.booleans(), st.sampled_from([*NASTY_INTS, -1, 10**400, -(10**400)]),
+                         st.integers(), any_float, st.text(max_size=20), REGEXY)  # fmt: skip
+json_values = st.recursive(json_scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.one_of(REGEXY, st.text(max_size=10)), inner, max_size=4)), max_leaves=12)  # fmt: skip
+regex_lists = st.one_of(REGEXY, st.lists(st.one_of(REGEXY, st.text(max_size=8)), max_size=3))
+numbers = st.one_of(st.integers(-3, 64), any_float, st.sampled_from([10**400, 1e308, 1e30, -1e30, 0]))
+# values that get past the type checks, for the fields where those hide the interesting cases
+FIELD_VALUES = {
+    "target_modules": regex_lists, "exclude_modules": regex_lists, "layers_pattern": regex_lists,
+    "modules_to_save": regex_lists, "layers_to_transform": st.one_of(st.integers(-1, 3), st.lists(st.integers(-1, 3), max_size=3)),
+    "rank_pattern": st.dictionaries(st.one_of(REGEXY, st.text(max_size=8)), st.one_of(st.integers(-1, 20), any_float), max_size=3),
+    "alpha_pattern": st.dictionaries(st.one_of(REGEXY, st.text(max_size=8)), numbers, max_size=3),
+    "r": st.integers(-1, 20), "lora_alpha": numbers, "peft_type": st.sampled_from(["LORA", "VERA", "ADALORA", "lora", ""]),
+}  # fmt: skip
+DIGITS = st.one_of(st.integers(0, 3).map(str), st.sampled_from(["7" * 5000, "00", "1" * 9, "٣"]),
+                   st.text("0123456789", min_size=1, max_size=6000), st.text(max_size=4))  # fmt: skip
+MODULE_NAMES = st.builds(
+    lambda i, parent, name, suffix: f"base_model.model.model.layers.{i}.{parent}.{name}.{suffix}",
+    DIGITS, st.one_of(st.sampled_from(["self_attn", "mlp"]), st.text(max_size=6)),
+    st.one_of(st.sampled_from(["q_proj", "v_proj", "down_proj", "embed_tokens"]), st.text(max_size=6)),
+    st.one_of(st.sampled_from(["lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "lora_E", "weight"]), st.text(max_size=8)),
+)  # fmt: skip
+tensor_names = st.one_of(MODULE_NAMES, st.text(max_size=80), st.sampled_from(["", "base_model.vera_A", "__metadata__x"]))
+
+
+class _TinyView:
+    """BaseModelView of the bundled tiny model's shapes, with random dense weights."""
+
+    def __init__(self, kit):
+        import json
+
+        import torch
+
+        cfg = json.loads((kit.TINY / "config.json").read_text())
+        self.num_layers = cfg["num_hidden_layers"]
+        self.shapes = {n: (out, inn) for n, (inn, out) in kit.module_shapes().items()}
+        self.gen = torch.Generator().manual_seed(0)
+
+    def module_shape(self, layer: int, name: str) -> tuple[int, int]:
+        return self.shapes[name]
+
+    def dense_weight(self, layer: int, name: str):
+        import torch
+
+        return torch.randn(self.shapes[name], generator=self.gen) * 0.02
+
+
+def _safetensors(tensors: dict) -> bytes:
+    """A safetensors file written by hand, so that any name (even "") goes in."""
+    import json
+
+    header, chunks, offset = {}, [], 0
+    for name, t in tensors.items():
+        b = t.contiguous().numpy().tobytes()
+        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + len(b)]}
+        chunks.append(b)
+        offset += len(b)
+    h = json.dumps(header).encode()
+    return len(h).to_bytes(8, "little") + h + b"".join(chunks)
+
+
+@st.composite
+def fuzzed_adapters(draw, kit) -> dict[str, bytes]:
+    """The two files of a rank-2 LoRA on q_proj and v_proj with one config field or some
+    tensor names replaced by hypothesis' values."""
+    import json
+
+    import torch
+
+    config = json.loads(kit.lora_config(2, ("q_proj", "v_proj")))
+    tensors = kit.lora_tensors(2, ("q_proj", "v_proj"), seed=3)
+    if draw(st.booleans()):
+        name = draw(st.sampled_from(CONFIG_FIELDS))
+        config[name] = draw(st.one_of(FIELD_VALUES[name], json_values) if name in FIELD_VALUES else json_values)
+        if name == "layers_pattern" and draw(st.booleans()):
+            config["layers_to_transform"] = [0]
+    else:
+        names = list(tensors)
+        for _ in range(draw(st.integers(1, 2))):
+            old = draw(st.sampled_from(names + [None]))  # None: an extra tensor
+            value = tensors.pop(old) if old in tensors else torch.zeros(2, 64)
+            tensors[draw(tensor_names)] = value
+    try:
+        config_bytes = json.dumps(config).encode()
+    except ValueError:  # an int past json's digit limit: the file holds it, as a hand-written one could
+        config_bytes = json.dumps({k: v for k, v in config.items() if k != "r"}).encode()[:-1] + b', "r": ' + b"9" * 5000 + b"}"
+    return {"adapter_config.json": config_bytes, "adapter_model.safetensors": _safetensors(tensors)}
+
+
+@pytest.fixture(scope="module")
+def tiny_view(kit):
+    return _TinyView(kit)
+
+
+def test_fuzzed_adapter_files_load_or_are_refused(kit, tiny_view, tmp_path_factory):
+    import torch
+
+    from loraplex.adapters.errors import AdapterError
+    from loraplex.adapters.loader import load_adapter_dir
+
+    root = tmp_path_factory.mktemp("fuzzed")
+    count = iter(range(10**9))
+
+    @FILE_SETTINGS
+    @given(files=fuzzed_adapters(kit))
+    def check(files):
+        d = kit.write_adapter(root / str(next(count)), files["adapter_config.json"], files["adapter_model.safetensors"])
+        try:
+            load_adapter_dir(d, tiny_view, max_rank=kit.MAX_RANK, dtype=torch.bfloat16)
+        except AdapterError:
+            pass  # anything else fails the test
+
+    check()
+
+
+def test_fuzzed_adapter_uploads(hardened, kit, wire, untouched):
+    header = lambda i: admin_pb2.UploadAdapterRequest(header=admin_pb2.UploadHeader(adapter_id=f"fz-file-{i}"))  # noqa: E731
+    count = iter(range(10**9))
+
+    @settings(SETTINGS, max_examples=25)
+    @given(files=fuzzed_adapters(kit))
+    def check(files):
+        i = next(count)
+        parts = [header(i).SerializeToString()] + [
+            admin_pb2.UploadAdapterRequest(chunk=admin_pb2.FileChunk(filename=name, data=data)).SerializeToString()
+            for name, data in files.items()
+        ]
+        code = wire.upload(parts)
+        assert code in ADMIN_CODES - {grpc.StatusCode.ALREADY_EXISTS}, code
+        if code == grpc.StatusCode.OK:  # a fuzzed value the server serves: undo
+            assert wire.admin("UnloadAdapter", admin_pb2.UnloadAdapterRequest(adapter_id=f"fz-file-{i}", delete_files=True).SerializeToString()) == grpc.StatusCode.OK
+        hardened.wait_no_leftovers()
+
+    check()

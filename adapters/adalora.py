@@ -35,6 +35,13 @@ class AdaLoraType:
     def tensor_names(self, config: AdapterConfig) -> TensorNames:
         return TensorNames(module=frozenset({LORA_A, LORA_B, LORA_E}))
 
+    def type_name(self, config: AdapterConfig) -> str:
+        return "adalora"
+
+    def declared_rank(self, config: AdapterConfig, key) -> int:
+        masks = config.rank_masks or {}
+        return sum(masks[key]) if key in masks else config.init_r
+
     def convert(
         self, config: AdapterConfig, tensors: AdapterTensors, base: BaseModelView, dtype: torch.dtype
     ) -> AdapterWeights:

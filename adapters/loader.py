@@ -20,6 +20,7 @@ It knows nothing of the GPU pool or of where directories live (store.py).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 import re
 from pathlib import Path
 
@@ -108,16 +109,8 @@ def check_targets(config: AdapterConfig, tensors: AdapterTensors, num_layers: in
         raise AdapterError(f"{module_label(missing[0])} is targeted by adapter_config.json, but the file has no weights for it")
 
 
-def load_adapter_dir(
-    path: str | os.PathLike,
-    base: BaseModelView,
-    *,
-    max_rank: int,
-    dtype: torch.dtype,
-    max_bytes: int | None = None,
-) -> AdapterWeights:
-    """The adapter in `path` in the one form, tensors in `dtype` on the CPU.
-    max_rank: the largest rank the server serves; max_bytes: cap on the weights file."""
+def _open_dir(path: str | os.PathLike, max_rank: int) -> tuple[Path, AdapterConfig]:
+    """The directory and its validated config, after the checks that read no weights."""
     if max_rank < 1:
         raise ValueError(f"max_rank must be positive, not {max_rank}")
     directory = Path(path)
@@ -130,10 +123,60 @@ def load_adapter_dir(
                 f"{WEIGHTS_NAME} (PEFT save_pretrained with safe_serialization=True)"
             )
     config = read_config(directory, max_rank=max_rank)
+    if not os.path.lexists(directory / WEIGHTS_NAME):
+        raise AdapterError(f"{WEIGHTS_NAME} is missing from the adapter directory")
+    return directory, config
+
+
+@dataclass(frozen=True)
+class AdapterSummary:
+    """What a directory declares, read without its weights (`summarize_adapter_dir`)."""
+
+    adapter_type: str  # lora | dora | vera | adalora
+    ranks: dict[str, list[int]]  # module name -> declared rank per adapted layer
+    target_modules: list[str]
+    file_bytes: int  # of adapter_model.safetensors
+
+
+def summarize_adapter_dir(path: str | os.PathLike, num_layers: int, *, max_rank: int, max_bytes: int | None = None) -> AdapterSummary:
+    """The checks `load_adapter_dir` makes without reading the weights (pickle files, the
+    config, target patterns against a `num_layers` base, the weights file's presence and
+    size), and what the config declares. Cheap: for registering many adapters at once;
+    the weights are validated when first loaded."""
+    directory, config = _open_dir(path, max_rank)
+    weights = directory / WEIGHTS_NAME
+    if weights.is_symlink() or not weights.is_file():
+        raise AdapterError(f"{WEIGHTS_NAME} is not a regular file")
+    size = weights.stat().st_size
+    if max_bytes is not None and size > max_bytes:
+        raise AdapterError(f"{WEIGHTS_NAME} is {size} bytes, over the limit of {max_bytes}")
+    kind = adapter_type(config.peft_type)
+    targets = config.targeted_modules(num_layers)
+    if not targets:
+        raise AdapterError("the adapter has no target modules: serving it would serve the base model")
+    ranks: dict[str, list[int]] = {}
+    for key in sorted(targets):
+        r = kind.declared_rank(config, key)
+        if r > max_rank:
+            raise AdapterError(f"{module_label(key)} has rank {r}, over the server's max rank {max_rank}")
+        ranks.setdefault(key[1], []).append(r)
+    names = sorted(ranks, key=TARGET_MODULES.index)
+    return AdapterSummary(kind.type_name(config), ranks, names, size)
+
+
+def load_adapter_dir(
+    path: str | os.PathLike,
+    base: BaseModelView,
+    *,
+    max_rank: int,
+    dtype: torch.dtype,
+    max_bytes: int | None = None,
+) -> AdapterWeights:
+    """The adapter in `path` in the one form, tensors in `dtype` on the CPU.
+    max_rank: the largest rank the server serves; max_bytes: cap on the weights file."""
+    directory, config = _open_dir(path, max_rank)
     kind = adapter_type(config.peft_type)
     weights_path = directory / WEIGHTS_NAME
-    if not os.path.lexists(weights_path):
-        raise AdapterError(f"{WEIGHTS_NAME} is missing from the adapter directory")
     raw = read_safetensors(weights_path, max_bytes=max_bytes, follow_symlinks=False)
     tensors = group_tensors(raw, kind.tensor_names(config), config.peft_type, base.num_layers)
     check_targets(config, tensors, base.num_layers)

@@ -37,6 +37,12 @@ class LoraType:
         names = {LORA_A, LORA_B} | ({MAGNITUDE} if config.use_dora else set())
         return TensorNames(module=frozenset(names))
 
+    def type_name(self, config: AdapterConfig) -> str:
+        return "dora" if config.use_dora else "lora"
+
+    def declared_rank(self, config: AdapterConfig, key) -> int:
+        return config.rank_for(peft_module_name(*key))
+
     def convert(
         self, config: AdapterConfig, tensors: AdapterTensors, base: BaseModelView, dtype: torch.dtype
     ) -> AdapterWeights:

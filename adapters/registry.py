@@ -43,6 +43,15 @@ class AdapterType(Protocol):
 
     def tensor_names(self, config: AdapterConfig) -> TensorNames: ...
 
+    def type_name(self, config: AdapterConfig) -> str:
+        """What AdapterWeights.adapter_type will say ("lora", "dora", "vera", "adalora")."""
+        ...
+
+    def declared_rank(self, config: AdapterConfig, key: ModuleKey) -> int:
+        """The module's rank as the config declares it, before any weight is read (an upper
+        bound where conversion prunes rows: AdaLoRA's zero singular values)."""
+        ...
+
     def convert(
         self, config: AdapterConfig, tensors: AdapterTensors, base: BaseModelView, dtype: torch.dtype
     ) -> AdapterWeights:

@@ -60,6 +60,12 @@ class VeraType:
         shared = {"vera_A", "vera_B"} if config.save_projection else set()
         return TensorNames(module=frozenset({LAMBDA_B, LAMBDA_D}), shared=frozenset(shared))
 
+    def type_name(self, config: AdapterConfig) -> str:
+        return "vera"
+
+    def declared_rank(self, config: AdapterConfig, key) -> int:
+        return config.r
+
     def convert(
         self, config: AdapterConfig, tensors: AdapterTensors, base: BaseModelView, dtype: torch.dtype
     ) -> AdapterWeights:

@@ -74,6 +74,7 @@ class AdapterDetails:
     size_bytes: int
     resident: bool
     path: str
+    host_cached: bool = False
 
 
 class GenerationStream:
@@ -186,9 +187,16 @@ class LoraplexClient:
         request = admin_pb2.UnloadAdapterRequest(adapter_id=adapter_id, delete_files=delete_files)
         self._admin.UnloadAdapter(request, timeout=self.timeout, metadata=self._admin_metadata)
 
-    def list_adapters(self) -> list[AdapterDetails]:
-        response = self._admin.ListAdapters(admin_pb2.ListAdaptersRequest(), timeout=self.timeout, metadata=self._admin_metadata)
-        return [_details(a) for a in response.adapters]
+    def list_adapters(self, page_size: int = 0) -> list[AdapterDetails]:
+        """Every adapter, fetched page by page (page_size 0: the server's default)."""
+        out, token = [], ""
+        while True:
+            request = admin_pb2.ListAdaptersRequest(page_size=page_size, page_token=token)
+            response = self._admin.ListAdapters(request, timeout=self.timeout, metadata=self._admin_metadata)
+            out += [_details(a) for a in response.adapters]
+            token = response.next_page_token
+            if not token:
+                return out
 
     def get_adapter(self, adapter_id: str) -> AdapterDetails:
         request = admin_pb2.GetAdapterRequest(adapter_id=adapter_id)
@@ -282,4 +290,5 @@ def _details(info: admin_pb2.AdapterInfo) -> AdapterDetails:
         size_bytes=info.size_bytes,
         resident=info.resident,
         path=info.path,
+        host_cached=info.host_cached,
     )

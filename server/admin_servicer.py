@@ -1,11 +1,11 @@
 """loraplex.v1.AdapterAdmin: uploads go to the AdapterStore (disk, under the adapter
-root), registration goes to the engine's adapter catalog. Authentication happens before
+root), registration goes to the engine's adapter manager. Authentication happens before
 any of this (auth.py); status codes come from status.py.
 
 Upload order: the header is checked first (id, and ALREADY_EXISTS before any chunk is
 read), chunks stream to a staging directory (a cancelled or failed upload removes it),
 the store validates it (converting it: before it replaces anything on disk) and
-atomically moves it into place, then the catalog registers the converted weights.
+atomically moves it into place, then the adapter manager registers the converted weights.
 Validation and conversion run in this RPC's thread, not in the engine's step loop, so
 other requests keep flowing.
 """
@@ -23,6 +23,8 @@ from loraplex.server.engine.errors import InvalidRequest
 from loraplex.server.metrics import ServerMetrics
 from loraplex.server.status import abort_for
 from loraplex.v1 import admin_pb2, admin_pb2_grpc
+
+MAX_PAGE_SIZE = 1000  # adapters per ListAdapters page (and the default)
 
 CONFIG_FILENAME = "adapter_config.json"
 
@@ -95,7 +97,10 @@ class AdapterAdminServicer(admin_pb2_grpc.AdapterAdminServicer):
             abort_for(context, e)
 
     def ListAdapters(self, request, context):
-        return admin_pb2.ListAdaptersResponse(adapters=[convert.adapter_info_to_pb(i) for i in self._engine.adapters.list()])
+        if request.page_size > MAX_PAGE_SIZE:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"page_size {request.page_size} is over the limit {MAX_PAGE_SIZE}")
+        infos, next_token = self._engine.adapters.list_page(request.page_token, request.page_size or MAX_PAGE_SIZE)
+        return admin_pb2.ListAdaptersResponse(adapters=[convert.adapter_info_to_pb(i) for i in infos], next_page_token=next_token)
 
     def GetAdapter(self, request, context):
         try:

@@ -88,6 +88,7 @@ class ServeConfig:
     max_receive_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # larger messages: RESOURCE_EXHAUSTED
     grpc_workers: int = field(default=0)  # 0 = max_running + max_queue + 16
     shutdown_grace_s: float = 30.0
+    metrics_max_adapters: int = 100  # adapters with a labelled per-adapter series (the busiest); the rest: "_other"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "api_tokens", tuple(self.api_tokens))
@@ -98,6 +99,8 @@ class ServeConfig:
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 65535:
                 raise ValueError(f"{name} must be in [0, 65535], got {value}")
+        if self.metrics_max_adapters < 1:
+            raise ValueError("metrics_max_adapters must be ≥ 1")
         if self.admin_token is not None and not self.admin_token.strip():
             raise ValueError("admin_token must not be empty (leave it unset to disable the admin API)")
         if self.insecure_admin and self.admin_token is not None:
@@ -183,7 +186,7 @@ class LoraplexServer:
         store = AdapterStore(Path(engine.config.adapter_root), **store_kwargs)
         for leftover in store.remove_leftovers():
             log.info("removed %s left in the adapter root by an interrupted upload", leftover)
-        self.metrics = ServerMetrics(engine)
+        self.metrics = ServerMetrics(engine, max_adapter_series=self.config.metrics_max_adapters)
 
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.config.workers, thread_name_prefix="grpc"),

@@ -39,6 +39,9 @@ ENGINE_DEFAULTS = {
     "max_rank": 64,
     "max_new_tokens": 4096,
     "lora_backend": "auto",
+    "kernel_backend": "auto",
+    "cuda_graphs": True,
+    "host_cache_bytes": 1 << 30,
     "vera_form": "shared",
     "nf4_backend": "bnb",
     "cpu_threads": None,
@@ -112,6 +115,8 @@ cancelled), and the process exits 0. A second signal exits at once (status 1).""
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0 = any free port, printed on start)")
     p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics HTTP port (0 = any free port)")
     p.add_argument("--no-metrics", action="store_true", help="do not serve metrics over HTTP")
+    p.add_argument("--metrics-max-adapters", type=int, default=100,
+                   help='per-adapter request series on /metrics: the busiest N by id, the rest summed as adapter="_other"')
     p.add_argument("--admin-token", default=None, help=f"token required by admin RPCs (default: ${ENV_ADMIN_TOKEN}, preferable: a command line is visible to other users)")
     p.add_argument("--insecure-admin", action="store_true", help="allow admin RPCs without a token (loopback --host only; development)")
     p.add_argument("--api-token", action="append", default=[], metavar="TOKEN",
@@ -134,6 +139,13 @@ cancelled), and the process exits 0. A second signal exits at once (status 1).""
     e.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"], help="cap on a request's max_new_tokens")
     e.add_argument("--lora-backend", choices=("auto", "torch", "triton"), default=d["lora_backend"],
                    help="adapter shrink/expand ops: auto = Triton on CUDA, the torch reference on CPU")
+    e.add_argument("--kernel-backend", choices=("auto", "torch", "triton"), default=d["kernel_backend"],
+                   help="attention, RoPE + KV-cache write, RMSNorm, SiLU·up: auto = Triton on CUDA, the torch references on CPU")
+    e.add_argument("--cuda-graphs", choices=("on", "off"), default="on" if d["cuda_graphs"] else "off",
+                   help="capture pure decode steps as CUDA graphs per batch-size bucket at start (CUDA only; "
+                        "the capture time and memory are logged and on /metrics)")
+    e.add_argument("--host-cache-mb", type=int, default=d["host_cache_bytes"] >> 20,
+                   help="host memory for adapters converted and staged for the device (pinned on CUDA), MiB; LRU")
     e.add_argument("--vera-form", choices=("shared", "folded"), default=d["vera_form"],
                    help="VeRA adapters: shared = each frozen projection stored once (an adapter costs its two vectors); "
                         "folded = per-adapter factors, like a LoRA of the same rank")
@@ -164,6 +176,9 @@ def serve_config_from_args(args):
         max_rank=args.max_rank,
         max_new_tokens=args.max_new_tokens,
         lora_backend=args.lora_backend,
+        kernel_backend=args.kernel_backend,
+        cuda_graphs=args.cuda_graphs == "on",
+        host_cache_bytes=args.host_cache_mb << 20,
         vera_form=args.vera_form,
         nf4_backend=args.nf4_backend,
         cpu_threads=args.cpu_threads,
@@ -180,6 +195,7 @@ def serve_config_from_args(args):
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
         shutdown_grace_s=args.shutdown_grace,
+        metrics_max_adapters=args.metrics_max_adapters,
     )
 
 

@@ -143,8 +143,8 @@ def stream_finish_to_pb(event: FinishEvent, request_id: str) -> generate_pb2.Gen
 
 
 def adapter_info_to_pb(info) -> admin_pb2.AdapterInfo:
-    """`info`: the catalog's AdapterInfo (adapter_id, adapter_type, ranks, target_modules,
-    size_bytes, resident, path)."""
+    """`info`: the adapter manager's AdapterInfo (adapter_id, adapter_type, ranks,
+    target_modules, size_bytes, resident, path, host_cached)."""
     return admin_pb2.AdapterInfo(
         adapter_id=info.adapter_id,
         adapter_type=str(info.adapter_type),
@@ -153,4 +153,5 @@ def adapter_info_to_pb(info) -> admin_pb2.AdapterInfo:
         size_bytes=int(info.size_bytes),
         resident=bool(info.resident),
         path=str(info.path),
+        host_cached=bool(info.host_cached),
     )

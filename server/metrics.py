@@ -10,8 +10,10 @@ Two sources:
   counters (adapter loads, evictions, load failures, steps).
 
 The per-adapter counter is bounded: its label is the adapter id only for adapters the
-catalog knows ("_base" for none, "_unknown" for everything else), and an adapter's
-series is dropped when it is unloaded.
+adapter manager knows ("_base" for none, "_unknown" for everything else), at most
+`max_adapter_series` ids get a series of their own (the busiest, chosen at each scrape)
+and the rest are summed under "_other", and an adapter's series is dropped when it is
+unloaded.
 
 `StatusInterceptor` reports every RPC of the given services by method and final code.
 """
@@ -36,6 +38,7 @@ _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 
 # Adapter ids start with a letter or digit (adapters/store.py), so these never collide.
 BASE_LABEL = "_base"
 UNKNOWN_LABEL = "_unknown"
+OTHER_LABEL = "_other"
 
 
 class EngineCollector(Collector):
@@ -56,10 +59,14 @@ class EngineCollector(Collector):
             ("loraplex_running_requests", "Requests in the running batch", s.running),
             ("loraplex_kv_blocks_used", "KV cache blocks in use", s.kv_blocks_used),
             ("loraplex_kv_blocks_free", "KV cache blocks free", s.kv_blocks_total - s.kv_blocks_used),
-            ("loraplex_adapters_known", "Adapters registered in the catalog", s.adapters_known),
+            ("loraplex_adapters_known", "Adapters registered with the adapter manager", s.adapters_known),
             ("loraplex_adapters_resident", "Adapters resident in the device adapter pool", s.adapters_resident),
+            ("loraplex_adapters_host_cached", "Adapters staged in the host cache", s.adapters_host_cached),
             ("loraplex_adapter_pages_used", "Rank pages (16 rank rows of one target module) held by resident adapters", s.adapter_pages_used),
             ("loraplex_adapter_pages_free", "Rank pages free in the device adapter pool", s.adapter_pages_total - s.adapter_pages_used),
+            ("loraplex_cuda_graph_buckets", "Decode batch-size buckets captured as CUDA graphs (0: eager)", s.cuda_graph_buckets),
+            ("loraplex_cuda_graph_capture_seconds", "Time the CUDA graph capture took at start", s.cuda_graph_capture_seconds),
+            ("loraplex_cuda_graph_bytes", "Device memory of the captured CUDA graphs", s.cuda_graph_bytes),
         )
         for name, doc, value in gauges:
             yield GaugeMetricFamily(name, doc, value=value)
@@ -68,6 +75,7 @@ class EngineCollector(Collector):
             ("loraplex_adapter_evictions", "Adapter evictions from the device pool", s.adapter_evictions),
             ("loraplex_adapter_load_failures", "Adapter loads that failed", s.adapter_load_failures),
             ("loraplex_engine_steps", "Engine steps run", s.steps),
+            ("loraplex_cuda_graph_replays", "Decode steps run by CUDA graph replay", s.cuda_graph_replays),
         )
         for name, doc, value in counters:
             yield CounterMetricFamily(name, doc, value=value)
@@ -76,7 +84,7 @@ class EngineCollector(Collector):
 class ServerMetrics:
     """The registry of one server and the instruments its servicers observe."""
 
-    def __init__(self, engine=None):
+    def __init__(self, engine=None, max_adapter_series: int = 100):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -96,13 +104,8 @@ class ServerMetrics:
             buckets=_ITL_BUCKETS,
             registry=r,
         )
-        self.adapter_requests = Counter(
-            "loraplex_adapter_requests",
-            f'Generation requests per adapter ("{BASE_LABEL}" = none, "{UNKNOWN_LABEL}" = not registered)',
-            ["adapter"],
-            registry=r,
-        )
-        self._adapter_lock = threading.Lock()
+        self.adapter_requests = AdapterRequests(max_adapter_series)
+        r.register(self.adapter_requests)
         if engine is not None:
             r.register(EngineCollector(engine))
 
@@ -110,23 +113,57 @@ class ServerMetrics:
         self.requests.labels(method=method, code=code).inc()
 
     def count_adapter_request(self, adapter_id: str | None, known: bool) -> None:
-        label = BASE_LABEL if not adapter_id else (adapter_id if known else UNKNOWN_LABEL)
-        with self._adapter_lock:
-            self.adapter_requests.labels(adapter=label).inc()
+        self.adapter_requests.count(BASE_LABEL if not adapter_id else (adapter_id if known else UNKNOWN_LABEL))
 
     def forget_adapter(self, adapter_id: str) -> None:
-        """Drops an unloaded adapter's series so the label set tracks the catalog."""
-        if adapter_id in (BASE_LABEL, UNKNOWN_LABEL):
-            return
-        with self._adapter_lock:
-            try:
-                self.adapter_requests.remove(adapter_id)
-            except KeyError:
-                pass
+        """Drops an unloaded adapter's series so the label set tracks the registered adapters."""
+        self.adapter_requests.forget(adapter_id)
 
     def observe_finish(self, prompt_tokens: int, generated_tokens: int) -> None:
         self.prompt_tokens.inc(prompt_tokens)
         self.generated_tokens.inc(generated_tokens)
+
+
+class AdapterRequests(Collector):
+    """loraplex_adapter_requests_total{adapter}: the `max_series` busiest adapter ids by
+    name, the others summed under "_other" ("_base" and "_unknown" always by name)."""
+
+    def __init__(self, max_series: int):
+        if max_series < 1:
+            raise ValueError("max_adapter_series must be ≥ 1")
+        self.max_series = max_series
+        self._counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def count(self, label: str) -> None:
+        with self._lock:
+            self._counts[label] = self._counts.get(label, 0) + 1
+
+    def forget(self, adapter_id: str) -> None:
+        if adapter_id not in (BASE_LABEL, UNKNOWN_LABEL):
+            with self._lock:
+                self._counts.pop(adapter_id, None)
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        with self._lock:
+            counts = dict(self._counts)
+        fixed = {k: counts.pop(k) for k in (BASE_LABEL, UNKNOWN_LABEL) if k in counts}
+        busiest = sorted(counts, key=lambda k: (-counts[k], k))[: self.max_series]
+        family = CounterMetricFamily(
+            "loraplex_adapter_requests",
+            f'Generation requests per adapter ("{BASE_LABEL}" = none, "{UNKNOWN_LABEL}" = not registered, '
+            f'"{OTHER_LABEL}" = past the {self.max_series} busiest)',
+            labels=["adapter"],
+        )
+        for label in [*fixed, *busiest]:
+            family.add_metric([label], fixed.get(label, counts.get(label)))
+        rest = sum(v for k, v in counts.items() if k not in busiest)
+        if rest:
+            family.add_metric([OTHER_LABEL], rest)
+        yield family
 
 
 class StatusInterceptor(grpc.ServerInterceptor):

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17loraplex/v1/admin.proto\x12\x0bloraplex.v1\"t\n\x14UploadAdapterRequest\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.loraplex.v1.UploadHeaderH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.loraplex.v1.FileChunkH\x00\x42\x06\n\x04part\"]\n\x0cUploadHeader\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0f\n\x07replace\x18\x02 \x01(\x08\x12\x18\n\x0b\x63onfig_json\x18\x03 \x01(\tH\x00\x88\x01\x01\x42\x0e\n\x0c_config_json\"+\n\tFileChunk\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"G\n\x12LoadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0f\n\x07replace\x18\x03 \x01(\x08\"@\n\x14UnloadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65lete_files\x18\x02 \x01(\x08\"\x17\n\x15UnloadAdapterResponse\"\x15\n\x13ListAdaptersRequest\"B\n\x14ListAdaptersResponse\x12*\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x18.loraplex.v1.AdapterInfo\"\'\n\x11GetAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"\x19\n\x08RankList\x12\r\n\x05ranks\x18\x01 \x03(\r\"\xfc\x01\n\x0b\x41\x64\x61pterInfo\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61\x64\x61pter_type\x18\x02 \x01(\t\x12\x32\n\x05ranks\x18\x03 \x03(\x0b\x32#.loraplex.v1.AdapterInfo.RanksEntry\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x04\x12\x10\n\x08resident\x18\x06 \x01(\x08\x12\x0c\n\x04path\x18\x07 \x01(\t\x1a\x43\n\nRanksEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12$\n\x05value\x18\x02 \x01(\x0b\x32\x15.loraplex.v1.RankList:\x02\x38\x01\x32\x9d\x03\n\x0c\x41\x64\x61pterAdmin\x12N\n\rUploadAdapter\x12!.loraplex.v1.UploadAdapterRequest\x1a\x18.loraplex.v1.AdapterInfo(\x01\x12H\n\x0bLoadAdapter\x12\x1f.loraplex.v1.LoadAdapterRequest\x1a\x18.loraplex.v1.AdapterInfo\x12V\n\rUnloadAdapter\x12!.loraplex.v1.UnloadAdapterRequest\x1a\".loraplex.v1.UnloadAdapterResponse\x12S\n\x0cListAdapters\x12 .loraplex.v1.ListAdaptersRequest\x1a!.loraplex.v1.ListAdaptersResponse\x12\x46\n\nGetAdapter\x12\x1e.loraplex.v1.GetAdapterRequest\x1a\x18.loraplex.v1.AdapterInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17loraplex/v1/admin.proto\x12\x0bloraplex.v1\"t\n\x14UploadAdapterRequest\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.loraplex.v1.UploadHeaderH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.loraplex.v1.FileChunkH\x00\x42\x06\n\x04part\"]\n\x0cUploadHeader\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0f\n\x07replace\x18\x02 \x01(\x08\x12\x18\n\x0b\x63onfig_json\x18\x03 \x01(\tH\x00\x88\x01\x01\x42\x0e\n\x0c_config_json\"+\n\tFileChunk\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"G\n\x12LoadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0f\n\x07replace\x18\x03 \x01(\x08\"@\n\x14UnloadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65lete_files\x18\x02 \x01(\x08\"\x17\n\x15UnloadAdapterResponse\"<\n\x13ListAdaptersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\"[\n\x14ListAdaptersResponse\x12*\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x18.loraplex.v1.AdapterInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x11GetAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"\x19\n\x08RankList\x12\r\n\x05ranks\x18\x01 \x03(\r\"\x91\x02\n\x0b\x41\x64\x61pterInfo\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61\x64\x61pter_type\x18\x02 \x01(\t\x12\x32\n\x05ranks\x18\x03 \x03(\x0b\x32#.loraplex.v1.AdapterInfo.RanksEntry\x12\x16\n\x0etarget_modules\x18\x04 \x03(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x04\x12\x10\n\x08resident\x18\x06 \x01(\x08\x12\x0c\n\x04path\x18\x07 \x01(\t\x12\x13\n\x0bhost_cached\x18\x08 \x01(\x08\x1a\x43\n\nRanksEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12$\n\x05value\x18\x02 \x01(\x0b\x32\x15.loraplex.v1.RankList:\x02\x38\x01\x32\x9d\x03\n\x0c\x41\x64\x61pterAdmin\x12N\n\rUploadAdapter\x12!.loraplex.v1.UploadAdapterRequest\x1a\x18.loraplex.v1.AdapterInfo(\x01\x12H\n\x0bLoadAdapter\x12\x1f.loraplex.v1.LoadAdapterRequest\x1a\x18.loraplex.v1.AdapterInfo\x12V\n\rUnloadAdapter\x12!.loraplex.v1.UnloadAdapterRequest\x1a\".loraplex.v1.UnloadAdapterResponse\x12S\n\x0cListAdapters\x12 .loraplex.v1.ListAdaptersRequest\x1a!.loraplex.v1.ListAdaptersResponse\x12\x46\n\nGetAdapter\x12\x1e.loraplex.v1.GetAdapterRequest\x1a\x18.loraplex.v1.AdapterInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,17 +46,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UNLOADADAPTERRESPONSE']._serialized_start=437
   _globals['_UNLOADADAPTERRESPONSE']._serialized_end=460
   _globals['_LISTADAPTERSREQUEST']._serialized_start=462
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=483
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=485
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=551
-  _globals['_GETADAPTERREQUEST']._serialized_start=553
-  _globals['_GETADAPTERREQUEST']._serialized_end=592
-  _globals['_RANKLIST']._serialized_start=594
-  _globals['_RANKLIST']._serialized_end=619
-  _globals['_ADAPTERINFO']._serialized_start=622
-  _globals['_ADAPTERINFO']._serialized_end=874
-  _globals['_ADAPTERINFO_RANKSENTRY']._serialized_start=807
-  _globals['_ADAPTERINFO_RANKSENTRY']._serialized_end=874
-  _globals['_ADAPTERADMIN']._serialized_start=877
-  _globals['_ADAPTERADMIN']._serialized_end=1290
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=522
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=524
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=615
+  _globals['_GETADAPTERREQUEST']._serialized_start=617
+  _globals['_GETADAPTERREQUEST']._serialized_end=656
+  _globals['_RANKLIST']._serialized_start=658
+  _globals['_RANKLIST']._serialized_end=683
+  _globals['_ADAPTERINFO']._serialized_start=686
+  _globals['_ADAPTERINFO']._serialized_end=959
+  _globals['_ADAPTERINFO_RANKSENTRY']._serialized_start=892
+  _globals['_ADAPTERINFO_RANKSENTRY']._serialized_end=959
+  _globals['_ADAPTERADMIN']._serialized_start=962
+  _globals['_ADAPTERADMIN']._serialized_end=1375
 # @@protoc_insertion_point(module_scope)

@@ -55,14 +55,20 @@ class UnloadAdapterResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ListAdaptersRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListAdaptersResponse(_message.Message):
-    __slots__ = ("adapters",)
+    __slots__ = ("adapters", "next_page_token")
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     adapters: _containers.RepeatedCompositeFieldContainer[AdapterInfo]
-    def __init__(self, adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, adapters: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class GetAdapterRequest(_message.Message):
     __slots__ = ("adapter_id",)
@@ -77,7 +83,7 @@ class RankList(_message.Message):
     def __init__(self, ranks: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("adapter_id", "adapter_type", "ranks", "target_modules", "size_bytes", "resident", "path")
+    __slots__ = ("adapter_id", "adapter_type", "ranks", "target_modules", "size_bytes", "resident", "path", "host_cached")
     class RanksEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +98,7 @@ class AdapterInfo(_message.Message):
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
+    HOST_CACHED_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     adapter_type: str
     ranks: _containers.MessageMap[str, RankList]
@@ -99,4 +106,5 @@ class AdapterInfo(_message.Message):
     size_bytes: int
     resident: bool
     path: str
-    def __init__(self, adapter_id: _Optional[str] = ..., adapter_type: _Optional[str] = ..., ranks: _Optional[_Mapping[str, RankList]] = ..., target_modules: _Optional[_Iterable[str]] = ..., size_bytes: _Optional[int] = ..., resident: _Optional[bool] = ..., path: _Optional[str] = ...) -> None: ...
+    host_cached: bool
+    def __init__(self, adapter_id: _Optional[str] = ..., adapter_type: _Optional[str] = ..., ranks: _Optional[_Mapping[str, RankList]] = ..., target_modules: _Optional[_Iterable[str]] = ..., size_bytes: _Optional[int] = ..., resident: _Optional[bool] = ..., path: _Optional[str] = ..., host_cached: _Optional[bool] = ...) -> None: ...

@@ -28,6 +28,10 @@ class EngineConfig:
     max_prompt_tokens: int | None = None  # None = the model's context length
     max_new_tokens: int = 4096  # cap on a request's max_new_tokens
     lora_backend: str = "auto"  # "auto" (Triton on CUDA), "torch" or "triton"
+    # attention, RoPE + KV-cache write, RMSNorm, SiLU·up: "auto" (Triton on CUDA), "torch" or "triton"
+    kernel_backend: str = "auto"
+    # CUDA graphs of pure decode steps per batch-size bucket, captured at start (CUDA only)
+    cuda_graphs: bool = True
     # VeRA adapters: "shared" keeps each frozen projection once in the pool (an adapter then
     # costs its two vectors) and the kernels read it for every adapter that uses it;
     # "folded" stores λ_d·A and λ_b·B per adapter, like a LoRA of the same rank.
@@ -50,6 +54,8 @@ class EngineConfig:
             raise ValueError(f"vera_form must be shared or folded, not {self.vera_form!r}")
         if self.nf4_backend not in ("bnb", "auto", "triton"):
             raise ValueError(f"nf4_backend must be bnb, auto or triton, not {self.nf4_backend!r}")
+        if self.lora_backend not in ("auto", "torch", "triton") or self.kernel_backend not in ("auto", "torch", "triton"):
+            raise ValueError("lora_backend and kernel_backend must be auto, torch or triton")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {self.dtype!r}")
         for name in ("max_batch_tokens", "max_running", "max_queue", "kv_cache_tokens", "block_size", "adapter_slots", "max_rank", "max_new_tokens"):

@@ -18,11 +18,8 @@ from pathlib import Path
 
 import torch
 
-from loraplex.adapters.pool import AdapterPool
-from loraplex.kernels.backend import lora_ops
-from loraplex.kernels.rank_pages import pages_for
+from loraplex.server.engine.adapter_manager import AdapterManager
 from loraplex.server.engine.block_manager import BlockManager
-from loraplex.server.engine.catalog import AdapterCatalog
 from loraplex.server.engine.config import EngineConfig
 from loraplex.server.engine.errors import EngineDraining, InvalidRequest, QueueFull, UnknownAdapter
 from loraplex.server.engine.request import (
@@ -39,13 +36,12 @@ from loraplex.server.engine.request import (
     TokenEvent,
 )
 from loraplex.server.engine.runner import ModelRunner
-from loraplex.server.engine.sampler import make_generator, sample, sample_one
+from loraplex.server.engine.sampler import SAMPLING_FAILED_ERROR, SamplerInputs, request_seed, sample_step
 from loraplex.server.engine.scheduler import Scheduler, SchedulerConfig
 from loraplex.server.engine.sequence import Sequence
 from loraplex.server.engine.tokenizer import Tokenizer
-from loraplex.server.model.config import ModelConfig
-from loraplex.server.model.llama import adapter_page_bytes, adapter_slot_bytes
 from loraplex.server.model.loader import LoadSpec, load_model
+from loraplex.server.model.ops import model_ops
 from loraplex.server.model.quantize import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -60,6 +56,7 @@ class EngineStats:
     kv_blocks_total: int
     adapters_known: int
     adapters_resident: int
+    adapters_host_cached: int  # staged in the host cache
     adapter_pins: int
     adapter_pages_used: int  # rank pages held by resident adapters, all target modules
     adapter_pages_total: int
@@ -68,23 +65,10 @@ class EngineStats:
     adapter_load_failures: int  # cumulative
     preemptions: int  # cumulative
     steps: int  # cumulative
-
-
-def adapter_pool_size(config: EngineConfig, model_config: ModelConfig, dtype: torch.dtype) -> tuple[int, int]:
-    """(slots, rank pages per target module) that adapter_pool_bytes holds: every slot's
-    own state, then pages, at most enough for every slot to hold an adapter of max_rank."""
-    slot_bytes = adapter_slot_bytes(model_config, dtype)
-    page_bytes = adapter_page_bytes(model_config, dtype)
-    max_pages = pages_for(config.max_rank)
-    pages = min(config.adapter_slots * max_pages, (config.adapter_pool_bytes - config.adapter_slots * slot_bytes) // page_bytes)
-    if pages < max_pages:
-        need = config.adapter_slots * slot_bytes + max_pages * page_bytes
-        raise ValueError(
-            f"adapter_pool_bytes {config.adapter_pool_bytes} cannot hold one adapter of rank {config.max_rank} beside "
-            f"{config.adapter_slots} slots: it needs at least {need} bytes on this model "
-            f"(raise --adapter-pool-mb, or lower --max-rank or --adapter-slots)"
-        )
-    return config.adapter_slots, pages
+    cuda_graph_buckets: int = 0  # decode buckets captured (0: eager)
+    cuda_graph_capture_seconds: float = 0.0
+    cuda_graph_bytes: int = 0  # device memory of the graphs' pool
+    cuda_graph_replays: int = 0  # cumulative decode steps run by replay
 
 
 class Engine:
@@ -93,20 +77,14 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.blocks = BlockManager(config.num_blocks, config.block_size)
-        self.pool = AdapterPool(model.num_slots, model.load_adapter, model.clear_adapter, fits=model.fits)
-        self._retired: list = []
-        self.adapters = AdapterCatalog(
-            model,
-            max_rank=config.max_rank,
-            dtype=model.dtype,
-            host_cache_bytes=config.host_cache_bytes,
-            max_adapter_bytes=config.max_adapter_bytes,
-            is_resident=lambda key: self.pool.slot_of(key) is not None,
-            on_retire=self._retire,
-        )
-        self.scheduler = Scheduler(SchedulerConfig(config.max_batch_tokens, config.max_running), self.blocks, self.pool, self.adapters)
-        self.runner = ModelRunner(model, self.blocks, lora_ops(model.device, config.lora_backend), config.max_batch_tokens)
+        self.adapters = AdapterManager(model, config)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_batch_tokens, config.max_running), self.blocks, self.adapters)
         self.max_context = min(model.config.max_position, config.kv_cache_tokens)
+        ops = model_ops(model.device, config.lora_backend, config.kernel_backend)
+        graphs = config.cuda_graphs and model.device.type == "cuda"
+        self.runner = ModelRunner(model, self.blocks, ops, config.max_batch_tokens, config.max_running, self.adapters.num_slots,
+                                  self.max_context, cuda_graphs=graphs)  # fmt: skip
+        self.sampler_inputs = SamplerInputs(config.max_running, model.device)  # per-row sampling parameters, refilled each step
         self.max_prompt = min(config.max_prompt_tokens or self.max_context, self.max_context)
         self.eos_ids = set(model.config.eos_token_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
         self.ready = False
@@ -121,14 +99,7 @@ class Engine:
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "Engine":
-        device, dtype = config.torch_device, config.torch_dtype
-        model_config = ModelConfig.from_pretrained(config.model_dir)
-        slots, pages = adapter_pool_size(config, model_config, dtype)
-        spec = LoadSpec(
-            QuantSpec(mode=config.quantize), dtype, str(device),
-            num_slots=slots, max_rank=config.max_rank, num_pages=pages, nf4_backend=config.nf4_backend,
-            fold_shared=config.vera_form == "folded",
-        )  # fmt: skip
+        spec = LoadSpec(QuantSpec(mode=config.quantize), config.torch_dtype, str(config.torch_device), nf4_backend=config.nf4_backend)
         model = load_model(config.model_dir, spec)
         engine = cls(config, model, Tokenizer(config.model_dir))
         if config.adapter_root is not None:
@@ -136,12 +107,13 @@ class Engine:
         return engine
 
     def register_adapter_root(self, root: Path) -> None:
-        """Registers every adapter directory under `root`; logs and skips invalid ones."""
+        """Registers every adapter directory under `root` from its config (fast: their
+        weights are validated in the background); logs and skips invalid ones."""
         root.mkdir(parents=True, exist_ok=True)
         # symlinked directories are skipped: they may point outside the root (LoadAdapter refuses those too)
         for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and (p / "adapter_config.json").exists()):
             try:
-                self.adapters.add(d.name, d)
+                self.adapters.register(d.name, d)
             except Exception as e:  # one broken adapter must not stop the server
                 log.warning("skipping adapter %s: %s", d.name, e)
 
@@ -151,7 +123,7 @@ class Engine:
         self._validate(request)
         key = self.adapters.key_of(request.adapter_id) if request.adapter_id else None
         handle = RequestHandle(request)
-        seq = Sequence(handle, key, list(request.prompt_token_ids), len(request.prompt_token_ids), make_generator(request.params))
+        seq = Sequence(handle, key, list(request.prompt_token_ids), len(request.prompt_token_ids), request_seed(request.params))
         with self._lock:
             if self._draining or self._stop:
                 raise EngineDraining("the server is shutting down")
@@ -184,24 +156,35 @@ class Engine:
         return self.submit(request).result(timeout)
 
     def stats(self) -> EngineStats:
-        free = self.model.pages_free()  # [modules]
+        a = self.adapters
+        free = a.pages.pages_free()  # [modules]
         return EngineStats(
             queue_depth=self._waiting_count,
             max_queue=self.config.max_queue,
             running=len(self.scheduler.running),
             kv_blocks_used=self.blocks.num_used,
             kv_blocks_total=self.blocks.num_blocks,
-            adapters_known=len(self.adapters),
-            adapters_resident=len(self.pool.resident),
-            adapter_pins=self.pool.total_pins,
-            adapter_pages_used=self.model.num_pages * len(free) - sum(free),
-            adapter_pages_total=self.model.num_pages * len(free),
-            adapter_loads=self.pool.counters.loads,
-            adapter_evictions=self.pool.counters.evictions,
-            adapter_load_failures=self.adapters.load_failures,
+            adapters_known=len(a),
+            adapters_resident=len(a.device.resident),
+            adapters_host_cached=len(a.host),
+            adapter_pins=a.device.total_pins,
+            adapter_pages_used=a.pages.num_pages * len(free) - sum(free),
+            adapter_pages_total=a.pages.num_pages * len(free),
+            adapter_loads=a.device.counters.loads,
+            adapter_evictions=a.device.counters.evictions,
+            adapter_load_failures=a.load_failures + a.device.counters.write_failures,
             preemptions=self.scheduler.preemptions,
             steps=self.steps,
+            **self._graph_stats(),
         )
+
+    def _graph_stats(self) -> dict:
+        graphs = self.runner.graphs
+        if graphs is None or graphs.stats is None:
+            return {}
+        s = graphs.stats
+        return dict(cuda_graph_buckets=s.buckets, cuda_graph_capture_seconds=s.seconds, cuda_graph_bytes=s.bytes,
+                    cuda_graph_replays=graphs.replays)  # fmt: skip
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
@@ -243,13 +226,14 @@ class Engine:
         self.adapters.close()
 
     # -- the engine thread ---------------------------------------------------------------
-    def _retire(self, key) -> None:
-        with self._lock:
-            self._retired.append(key)
-
     def _loop(self) -> None:
         if self.model.device.type == "cpu" and self.config.cpu_threads:
             torch.set_num_threads(self.config.cpu_threads)  # for this thread: OpenMP counts per calling thread
+        try:
+            self.runner.capture()  # CUDA graphs of the decode buckets, before the first request
+        except Exception:  # serving eagerly beats not serving
+            log.exception("capturing CUDA graphs failed; decode steps run eagerly")
+            self.runner.graphs = None
         while True:
             with self._lock:
                 while not self._stop and not self._incoming and not self._has_work():
@@ -257,10 +241,8 @@ class Engine:
                 if self._stop:
                     return
                 incoming, self._incoming = self._incoming, []
-                retired, self._retired = self._retired, []
             self.scheduler.waiting.extend(incoming)
-            for key in retired:
-                self.pool.remove(key)
+            self.adapters.collect()
             try:
                 self.step()
             except Exception as e:  # a failed step fails its requests, not the server
@@ -268,7 +250,7 @@ class Engine:
                 self._finish_all(FINISH_ERROR, f"internal error in the engine step: {e}")
 
     def _has_work(self) -> bool:
-        return bool(self.scheduler.waiting or self.scheduler.running or self._retired)
+        return bool(self.scheduler.waiting or self.scheduler.running or self.adapters.has_retired())
 
     def step(self) -> None:
         """One scheduling step: expire, schedule, forward, sample, stream."""
@@ -282,6 +264,7 @@ class Engine:
             if self.scheduler.waiting:
                 time.sleep(0.002)  # adapters loading in the background, or every slot pinned
             return
+        self.adapters.join_loads()
         logits = self.runner.run(plan)
         self.steps += 1
         wanting = [item.seq for item in plan if item.wants_logits]
@@ -289,22 +272,17 @@ class Engine:
             item.seq.num_computed += item.num_tokens
         if not wanting:
             return
-        try:
-            tokens = sample(logits, [s.params for s in wanting], [s.generator for s in wanting])
-        except Exception:  # find the request whose sampling fails; the others go on
-            tokens = [self._sample_alone(seq, logits[i]) for i, seq in enumerate(wanting)]
+        # position = index of the token being sampled: the same draws after preemption and recompute
+        positions = [len(s.tokens) for s in wanting]
+        chosen = sample_step(logits, [s.params for s in wanting], [s.seed for s in wanting], positions, inputs=self.sampler_inputs)
+        tokens = chosen.tolist()  # the step's one device→host transfer
         now = time.monotonic()
         for seq, token in zip(wanting, tokens):
-            if token is not None:
+            if token < 0:  # SAMPLING_FAILED: this row only
+                log.warning("sampling failed for %s: the logits are not finite", seq.seq_id)
+                self._finish(seq, FINISH_ERROR, SAMPLING_FAILED_ERROR)
+            else:
                 self._append(seq, token, now)
-
-    def _sample_alone(self, seq: Sequence, logits) -> int | None:
-        try:
-            return sample_one(logits, seq.params, seq.generator)
-        except Exception as e:
-            log.exception("sampling failed for %s", seq.seq_id)
-            self._finish(seq, FINISH_ERROR, f"sampling failed: {e}")
-            return None
 
     def _append(self, seq: Sequence, token: int, now: float) -> None:
         seq.tokens.append(token)

@@ -1,31 +1,53 @@
 """Turns a step's plan into one packed batch and runs the model: token ids, positions,
-KV-cache rows, block tables and the token→slot mapping (written once per step into
-preallocated buffers), then returns the logits of the sequences that need them."""
+KV-cache rows, block tables and the token→slot mapping go into the step context
+(server/engine/step_context.py) in one host→device copy, then the model's forward reads
+them and returns the logits of the sequences that need them."""
 
 from __future__ import annotations
 
 import torch
 
-from loraplex.kernels.backend import LoraOps
-from loraplex.kernels.mapping import LoraMappingBuffers
 from loraplex.server.engine.block_manager import BlockManager
+from loraplex.server.engine.cuda_graphs import DecodeGraphs, buckets_for
 from loraplex.server.engine.scheduler import Scheduled
-from loraplex.server.model.attention import AttentionMetadata, KVCache
+from loraplex.server.engine.step_context import StepContext, StepInputs
+from loraplex.server.model.attention import KVCache
 from loraplex.server.model.llama import LlamaModel
+from loraplex.server.model.ops import ModelOps
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, blocks: BlockManager, ops: LoraOps, max_batch_tokens: int):
+    def __init__(self, model: LlamaModel, blocks: BlockManager, ops: ModelOps, max_batch_tokens: int, max_seqs: int,
+                 num_slots: int, max_context: int, cuda_graphs: bool = False):  # fmt: skip
+        """cuda_graphs: replay captured graphs for pure decode steps (`capture` first; CUDA only)."""
         c = model.config
         self.model = model
         self.blocks = blocks
         self.ops = ops
         self.device = model.device
         self.cache = KVCache(c.num_layers, blocks.num_blocks, blocks.block_size, c.num_kv_heads, c.head_dim, model.dtype, model.device)
-        self.mapping_buffers = LoraMappingBuffers(max_batch_tokens, model.num_slots, model.device)
+        max_blocks = -(-max_context // blocks.block_size)
+        self.step = StepContext(self.cache, max_batch_tokens, max_seqs, max_blocks, num_slots, model.device,
+                                c.sliding_window, host_layout=ops.host_layout)  # fmt: skip
+        model.bind(self.step, ops, max_context, static_adapters=cuda_graphs)
+        self.graphs = DecodeGraphs(model, self.step, buckets_for(max_seqs, max_batch_tokens)) if cuda_graphs else None
+
+    def capture(self) -> None:
+        """Captures the decode buckets' graphs (on the engine thread, before serving)."""
+        if self.graphs is not None and self.graphs.stats is None:
+            self.graphs.capture()
 
     def run(self, plan: list[Scheduled]) -> torch.Tensor:
         """Returns [B, vocab] float32 logits, one row per plan entry with wants_logits, in order."""
+        inputs = self.inputs(plan)
+        if self.graphs is not None and self.graphs.stats is not None:
+            logits = self.graphs.run(inputs)  # None unless a pure decode step fits a bucket
+            if logits is not None:
+                return logits
+        self.step.fill(inputs)
+        return self.model()
+
+    def inputs(self, plan: list[Scheduled]) -> StepInputs:
         ids, positions, slots, rows = [], [], [], []
         query_starts, context_lens, tables, logits_rows = [0], [], [], []
         bs = self.blocks.block_size
@@ -39,24 +61,7 @@ class ModelRunner:
             rows.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
             query_starts.append(query_starts[-1] + n)
             context_lens.append(start + n)
-            tables.append(torch.tensor(table, dtype=torch.int64, device=self.device))
+            tables.append(table)
             if item.wants_logits:
                 logits_rows.append(query_starts[-1] - 1)
-        dev = self.device
-        meta = AttentionMetadata(
-            query_starts=query_starts,
-            context_lens=context_lens,
-            block_tables=tables,
-            slot_mapping=torch.tensor(rows, dtype=torch.int64, device=dev),
-            sliding_window=self.model.config.sliding_window,
-        )
-        mapping = self.mapping_buffers.update(torch.tensor(slots, dtype=torch.int32))
-        return self.model(
-            torch.tensor(ids, dtype=torch.int64, device=dev),
-            torch.tensor(positions, dtype=torch.int64, device=dev),
-            self.cache,
-            meta,
-            mapping,
-            self.ops,
-            torch.tensor(logits_rows, dtype=torch.int64, device=dev),
-        )
+        return StepInputs(ids, positions, rows, slots, query_starts, context_lens, tables, logits_rows)

@@ -3,7 +3,8 @@ many new tokens each feeds (a prefill chunk or one decode token), within a token
 the KV blocks and the adapter slots. Preempts (by recomputation) the most recently
 admitted sequence when a running one needs a block and none is free.
 
-It changes block tables and adapter pins but runs no model; the engine thread is its
+It changes block tables and adapter pins (through the adapter manager, which also
+prefetches the adapters of waiting requests) but runs no model; the engine thread is its
 only caller."""
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from loraplex.adapters.pool import AdapterPool
 from loraplex.server.engine.block_manager import BlockManager
 from loraplex.server.engine.errors import UnknownAdapter
 from loraplex.server.engine.sequence import Sequence
@@ -38,11 +38,10 @@ class Scheduled:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, blocks: BlockManager, pool: AdapterPool, catalog):
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager, adapters):
         self.config = config
         self.blocks = blocks
-        self.pool = pool
-        self.catalog = catalog
+        self.adapters = adapters  # AdapterManager
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: preemption takes the last
         self.preemptions = 0
@@ -68,6 +67,7 @@ class Scheduler:
             plan.append(Scheduled(seq, n))
             budget -= n
         self._admit(plan, budget)
+        self.adapters.prefetch(s.adapter_key for s in self.waiting if s.adapter_key is not None and not s.admitted)
         return plan
 
     def _admit(self, plan: list[Scheduled], budget: int) -> None:
@@ -101,15 +101,8 @@ class Scheduler:
         if seq.admitted or seq.adapter_key is None:
             seq.admitted = True
             return True
-        if self.pool.slot_of(seq.adapter_key) is None:
-            seq.adapter_key = self.catalog.current_key(seq.adapter_key)  # replaced meanwhile: the new version
-            if not self.catalog.weights_ready(seq.adapter_key):
-                return False
-        key = seq.adapter_key
-        try:
-            slot = self.pool.acquire(key, lambda: self.catalog.weights(key))
-        except KeyError:  # evicted from the host cache since weights_ready: load it again
-            return False
+        seq.adapter_key = self.adapters.current_key(seq.adapter_key)  # replaced meanwhile: bind the version current now
+        slot = self.adapters.acquire(seq.adapter_key)
         if slot is None:
             return False
         seq.slot, seq.admitted = slot, True
@@ -131,5 +124,5 @@ class Scheduler:
             self.waiting.remove(seq)
         self.blocks.free(seq.seq_id)
         if seq.admitted and seq.adapter_key is not None:
-            self.pool.release(seq.adapter_key)
+            self.adapters.release(seq.adapter_key)
         seq.admitted = False

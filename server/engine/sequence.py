@@ -15,7 +15,7 @@ class Sequence:
     adapter_key: object | None  # AdapterKey, None = base model
     tokens: list[int]  # prompt + generated
     num_prompt: int
-    generator: object | None  # torch.Generator for sampling, None when greedy
+    seed: int  # the request's sampling stream seed (its own, or drawn at submit)
     slot: int = -1  # adapter slot while running, -1 = base only
     num_computed: int = 0  # tokens whose K/V are in the cache
     admitted: bool = False  # holds a pin on its adapter

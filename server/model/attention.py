@@ -5,11 +5,14 @@ decode token) at positions [ctx_len - q_len, ctx_len). Their K/V are first writt
 the cache at `slot_mapping`, then every query attends causally to its sequence's cached
 keys through the sequence's block table.
 
-The torch backend below serves every sequence that feeds one token (decode) with one
-masked SDPA over contexts padded to the longest; the gather rows and the mask are built
-once per step (`AttentionMetadata.decode_layout`) and shared by all layers. Sequences
-with a longer chunk (prefill) take one SDPA each. A fused GPU backend can replace it
-behind the same call.
+Two backends behind one call, `(q, step, layer, scale) -> out`, reading the step
+context (server/engine/step_context.py):
+- `attention_triton`: our paged attention kernel (kernels/paged_attention.py), K/V read
+  in place through the block tables, decode rows and prefill chunks in one launch.
+- `attention_torch`, the CPU backend: every sequence that feeds one token (decode) in
+  one masked SDPA over contexts padded to the longest, the gather rows and the mask built
+  once per step (`AttentionMetadata.decode_layout`) and shared by all layers; sequences
+  with a longer chunk (prefill) take one SDPA each.
 """
 
 from __future__ import annotations
@@ -80,11 +83,6 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        """k, v: [T, kv_heads, head_dim] stored at rows slot_mapping [T]."""
-        self.k[layer].index_copy_(0, slot_mapping, k)
-        self.v[layer].index_copy_(0, slot_mapping, v)
-
     def rows(self, block_table: torch.Tensor, length: int) -> torch.Tensor:
         """Flat cache rows [length] of a sequence's first `length` tokens."""
         offsets = torch.arange(self.block_size, device=block_table.device)
@@ -137,3 +135,19 @@ def _decode_attention(q: torch.Tensor, cache: KVCache, layer: int, decode: Decod
     v = v.repeat_interleave(groups, dim=2).transpose(1, 2)
     o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=decode.allowed, scale=scale)  # [Bd, H, 1, D]
     return o.squeeze(2)
+
+
+def attention_torch(q: torch.Tensor, step, layer: int, scale: float) -> torch.Tensor:
+    """q [T, H, D] -> [T, H, D] from the step's host-side layout (StepContext.attention)."""
+    return paged_attention_torch(q, step.cache, layer, step.attention, scale)
+
+
+def attention_triton(q: torch.Tensor, step, layer: int, scale: float) -> torch.Tensor:
+    """q [T, H, D] -> [T, H, D], reading the step's device buffers only."""
+    from loraplex.kernels.paged_attention import paged_attention
+
+    cache = step.cache
+    return paged_attention(
+        q, cache.k[layer], cache.v[layer], step.block_tables, step.context_lens, step.query_starts,
+        step.num_seqs, step.max_query_len, cache.block_size, scale, step.sliding_window,
+    )  # fmt: skip

@@ -2,8 +2,10 @@
 RMSNorm, RoPE, GQA attention over a paged KV cache, SwiGLU MLP; every decoder linear is
 an `AdapterLinear` whose adapter deltas go through the shrink/expand ops.
 
-It knows nothing of requests, sampling or tokenization: the engine hands it token ids,
-positions, attention metadata and the token→slot mapping, and gets logits back.
+The forward reads one step context (server/engine/step_context.py: token ids,
+positions, KV rows, block tables, the token→slot mapping), bound once with the ops it
+runs (`bind`, server/model/ops.py): layers take only hidden states. It knows nothing of
+requests, sampling or tokenization: the runner fills the context and gets logits back.
 """
 
 from __future__ import annotations
@@ -11,81 +13,57 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from loraplex.adapters.form import AdapterWeights
-from loraplex.kernels.backend import LoraOps
-from loraplex.kernels.mapping import LoraMapping
-from loraplex.kernels.rank_pages import RANK_PAGE
 from loraplex.server.model.adapter_linear import AdapterLinear
-from loraplex.server.model.attention import AttentionMetadata, KVCache, paged_attention_torch
+from loraplex.server.model.attention import KVCache
 from loraplex.server.model.config import ModelConfig
 
 # Which target modules share an input, and so one AdapterLinear (one shrink/expand pair).
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 
 
-def adapter_page_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
-    """Device bytes of one rank page (16 rank rows of A [r, in] and Bᵀ [r, out]) in every
-    target module of every layer: what AdapterLinear allocates per page of its pools."""
-    size = torch.finfo(dtype).bits // 8
-    per_layer = sum(RANK_PAGE * sum(config.module_shape(name)) * size for names in GROUPS for name in names)
-    return per_layer * config.num_layers
-
-
-def adapter_slot_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
-    """Device bytes of one adapter slot's per-slot state over all layers: DoRA's g [out]
-    and VeRA's λ_b [out] per target module (scales, ranks, λ_d and page-table rows are a
-    few bytes more)."""
-    size = torch.finfo(dtype).bits // 8
-    per_layer = sum(2 * config.module_shape(name)[0] * size for names in GROUPS for name in names)
-    return per_layer * config.num_layers
-
-
 class RMSNorm(nn.Module):
+    """An RMSNorm's weight and eps; the op itself is the bound ops' `rms_norm` (kernels/rms_norm.py)."""
+
     def __init__(self, weight: torch.Tensor, eps: float):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)  # [hidden]
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, groups: dict[str, AdapterLinear], norms: tuple[RMSNorm, RMSNorm]):
+    """forward(h, delta) -> (h, delta): the residual stream h [T, hidden] and the previous
+    layer's output delta (None before the first layer), added into h in place by the
+    fused add+norm. Per-step inputs come from the bound step context."""
+
+    def __init__(self, config: ModelConfig, groups: dict[str, AdapterLinear], norms: tuple[RMSNorm, RMSNorm], index: int):
         super().__init__()
         self.config = config
+        self.index = index
         self.qkv, self.o, self.gate_up, self.down = (groups[g[0]] for g in GROUPS)
         self.input_norm, self.post_norm = norms
         self.q_width = config.num_heads * config.head_dim
-        self.kv_width = config.num_kv_heads * config.head_dim
+        self.scale = config.head_dim**-0.5
+        self.step = None  # StepContext, set by LlamaModel.bind
+        self.ops = None  # ModelOps
 
-    def forward(self, h, cos, sin, layer: int, cache: KVCache, meta: AttentionMetadata, mapping: LoraMapping, ops: LoraOps):
-        c = self.config
-        x = self.input_norm(h)  # [T, hidden]
-        qkv = self.qkv(x, mapping, ops)  # [T, q + 2 kv]
-        q, k, v = qkv.split([self.q_width, self.kv_width, self.kv_width], dim=-1)
-        q = q.reshape(-1, c.num_heads, c.head_dim)  # [T, H, D]
-        k = k.reshape(-1, c.num_kv_heads, c.head_dim)  # [T, KVH, D]
-        v = v.reshape(-1, c.num_kv_heads, c.head_dim)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        cache.write(layer, k, v.contiguous(), meta.slot_mapping)
-        attn = paged_attention_torch(q, cache, layer, meta, scale=c.head_dim**-0.5)  # [T, H, D]
-        h = h + self.o(attn.reshape(-1, self.q_width), mapping, ops)
-        x = self.post_norm(h)
-        gate, up = self.gate_up(x, mapping, ops).chunk(2, dim=-1)  # [T, I] each
-        return h + self.down(F.silu(gate) * up, mapping, ops)
+    def forward(self, h: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        c, step, ops = self.config, self.step, self.ops
+        x, h = _add_norm(ops, delta, h, self.input_norm)  # [T, hidden]
+        qkv = self.qkv(x)  # [T, q + 2 kv]
+        k_cache, v_cache = step.cache.k[self.index], step.cache.v[self.index]
+        q = ops.rope_kv(qkv, self.cos_sin, step.positions, k_cache, v_cache, step.kv_rows, c.num_heads, c.num_kv_heads, c.head_dim)  # [T, H, D]
+        attn = ops.attention(q, step, self.index, self.scale)  # [T, H, D]
+        x, h = _add_norm(ops, self.o(attn.reshape(-1, self.q_width)), h, self.post_norm)
+        return h, self.down(ops.silu_mul(self.gate_up(x)))
+
+
+def _add_norm(ops, delta: torch.Tensor | None, h: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(h + delta), h + delta), the sum written into h; just (norm(h), h) without delta."""
+    if delta is None:
+        return ops.rms_norm(h, norm.weight, norm.eps), h
+    return ops.rms_norm(delta, norm.weight, norm.eps, residual=h)
 
 
 class LlamaModel(nn.Module):
@@ -96,9 +74,6 @@ class LlamaModel(nn.Module):
         layers: Sequence[DecoderLayer],
         norm: RMSNorm,
         lm_head: torch.Tensor,  # [V, hidden]
-        num_slots: int,
-        max_rank: int,
-        num_pages: int,  # rank pages per target module
         dtype: torch.dtype,
         device: torch.device,
     ):
@@ -108,13 +83,12 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.norm = norm
         self.lm_head = nn.Parameter(lm_head, requires_grad=False)
-        self.num_slots = num_slots
-        self.max_rank = max_rank
-        self.num_pages = num_pages
+        self.num_slots = 0  # adapter slots of the layers' tensors (set by the adapter manager's AdapterPages)
         self.dtype = dtype
         self.device = device
-        inv_freq, self.rope_scaling = config.rope_inv_freq(device)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)  # [head_dim / 2]
+        self.step = None  # the bound StepContext (bind)
+        self.ops = None  # the bound ModelOps
+        self.cos_sin = None  # [max_positions, 2, head_dim]: RoPE's cos and sin rows, built once (bind)
 
     # -- BaseModelView (what adapter conversion needs) --------------------------------
     @property
@@ -128,7 +102,7 @@ class LlamaModel(nn.Module):
 
     def dense_weight(self, layer: int, name: str) -> torch.Tensor:
         group, i = self._find(layer, name)
-        return group.bases[i].dense_weight()
+        return group.base.dense_weight(i)
 
     def _find(self, layer: int, name: str) -> tuple[AdapterLinear, int]:
         for group in (self.layers[layer].qkv, self.layers[layer].o, self.layers[layer].gate_up, self.layers[layer].down):
@@ -142,66 +116,49 @@ class LlamaModel(nn.Module):
             for group in (layer.qkv, layer.o, layer.gate_up, layer.down):
                 yield i, group
 
-    # -- the pool's writers and its page budget ------------------------------------------
-    def _deltas(self, weights: AdapterWeights):
-        for i, group in self.adapter_groups():
-            yield group, [weights.modules.get((i, name)) for name in group.names]
+    # -- the step ----------------------------------------------------------------------
+    def bind(self, step, ops, max_positions: int, static_adapters: bool = False) -> None:
+        """Points every layer at `step` (a StepContext, read by the forward) and `ops` (a
+        ModelOps), and builds RoPE's cos/sin rows for positions below max_positions.
+        static_adapters: the adapter layers always run their kernels with every vector
+        (DoRA's g, VeRA's d and o), whatever the resident adapters and the step's slots, so
+        the forward's ops do not change with them (what a captured CUDA graph needs)."""
+        from loraplex.kernels.rope_kv import rope_cache
 
-    def load_adapter(self, slot: int, weights: AdapterWeights) -> None:
-        for group, deltas in self._deltas(weights):
-            group.load(slot, deltas)
+        if self.cos_sin is None or self.cos_sin.shape[0] < max_positions:
+            inv_freq, scaling = self.config.rope_inv_freq(self.device)
+            self.cos_sin = rope_cache(inv_freq, scaling, max_positions, self.dtype, self.device)
+        self.step, self.ops = step, ops
+        for layer in self.layers:
+            layer.step, layer.ops, layer.cos_sin = step, ops, self.cos_sin
+            for group in (layer.qkv, layer.o, layer.gate_up, layer.down):
+                group.step, group.ops, group.static = step, ops.lora, static_adapters
 
-    def clear_adapter(self, slot: int) -> None:
-        for _, group in self.adapter_groups():
-            group.clear(slot)
-
-    def fits(self, weights: AdapterWeights, evicted: set[int]) -> bool:
-        """Would `weights` find its rank pages once the slots `evicted` are cleared?"""
-        return all(group.fits(deltas, evicted) for group, deltas in self._deltas(weights))
-
-    def pages_free(self) -> list[int]:
-        """Free rank pages of every target module's pool."""
-        return [n for _, group in self.adapter_groups() for n in group.free_pages()]
-
-    def page_bytes(self) -> int:
-        """Device bytes of one rank page in every target module (see adapter_page_bytes)."""
-        return sum(group.page_bytes() for _, group in self.adapter_groups())
-
-    # -- forward -------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(
-        self,
-        input_ids: torch.Tensor,  # [T] int64
-        positions: torch.Tensor,  # [T] int64
-        cache: KVCache,
-        meta: AttentionMetadata,
-        mapping: LoraMapping,
-        ops: LoraOps,
-        logits_rows: torch.Tensor,  # [B] int64, rows whose next-token logits are needed
-    ) -> torch.Tensor:  # [B, vocab] float32
-        h = self.embed[input_ids]  # [T, hidden]
-        freqs = positions.float().unsqueeze(1) * self.inv_freq.unsqueeze(0)  # [T, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
-        cos = (emb.cos() * self.rope_scaling).to(self.dtype).unsqueeze(1)  # [T, 1, D]
-        sin = (emb.sin() * self.rope_scaling).to(self.dtype).unsqueeze(1)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, i, cache, meta, mapping, ops)
-        h = self.norm(h[logits_rows])  # [B, hidden]
-        return (h @ self.lm_head.t()).float()
+    def forward(self) -> torch.Tensor:  # [num_logits, vocab] float32
+        """The bound step: its tokens through every layer, logits of its logits rows."""
+        step = self.step
+        h = self.embed[step.input_ids]  # [T, hidden]
+        delta = None
+        for layer in self.layers:
+            h, delta = layer(h, delta)
+        rows = step.logits_rows
+        x, _ = self.ops.rms_norm(delta[rows], self.norm.weight, self.norm.eps, residual=h[rows])  # [B, hidden]
+        return (x @ self.lm_head.t()).float()
 
 
-def score_sequence(model: LlamaModel, ids: Sequence[int], slot: int = -1, ops: LoraOps | None = None) -> torch.Tensor:
+def score_sequence(model: LlamaModel, ids: Sequence[int], slot: int = -1, ops=None) -> torch.Tensor:
     """Logits at every position of one sequence ([T, vocab] float32), with adapter `slot`
-    (-1 = base), in a private KV cache: for scoring and for fidelity checks."""
-    from loraplex.kernels.backend import lora_ops
-    from loraplex.kernels.mapping import build_mapping
+    (-1 = base), in a private KV cache and step context (bound to the model: for scoring
+    and fidelity checks, not beside a running engine). ops: ModelOps (default: the device's)."""
+    from loraplex.server.engine.step_context import StepContext, StepInputs
+    from loraplex.server.model.ops import model_ops
 
     c, n, block = model.config, len(ids), 16
     num_blocks = -(-n // block)
     cache = KVCache(c.num_layers, num_blocks, block, c.num_kv_heads, c.head_dim, model.dtype, model.device)
-    dev = model.device
-    meta = AttentionMetadata([0, n], [n], [torch.arange(num_blocks, device=dev)], torch.arange(n, device=dev), c.sliding_window)
-    mapping = build_mapping(torch.full((n,), slot, dtype=torch.int32), model.num_slots)
-    positions = torch.arange(n, device=dev)
-    ids_t = torch.tensor(list(ids), dtype=torch.int64, device=dev)
-    return model(ids_t, positions, cache, meta, mapping, ops or lora_ops(dev), positions)
+    ops = ops or model_ops(model.device)
+    step = StepContext(cache, n, 1, num_blocks, max(model.num_slots, 1), model.device, c.sliding_window, host_layout=ops.host_layout)
+    model.bind(step, ops, max(n, model.cos_sin.shape[0] if model.cos_sin is not None else 0))
+    step.fill(StepInputs(list(ids), list(range(n)), list(range(n)), [slot] * n, [0, n], [n], [list(range(num_blocks))], list(range(n))))
+    return model()

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import torch
 
-from loraplex.kernels.rank_pages import pages_for
 from loraplex.server.model.adapter_linear import AdapterLinear
 from loraplex.server.model.config import ModelConfig
-from loraplex.server.model.linear import DenseLinear, NF4Linear
+from loraplex.server.model.linear import DenseLinear, nf4_group
 from loraplex.server.model.llama import GROUPS, DecoderLayer, LlamaModel, RMSNorm
-from loraplex.server.model.quantize import QuantSpec
+from loraplex.server.model.quantize import QuantSpec, dequantize_nf4, nf4_params
 
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 _BNB_STATE_SUFFIX = ".quant_state.bitsandbytes__nf4"
@@ -26,10 +25,6 @@ class LoadSpec:
     quant: QuantSpec = QuantSpec()
     dtype: torch.dtype = torch.float32  # compute dtype: float32 on CPU, bfloat16 on CUDA
     device: str = "cpu"
-    num_slots: int = 8  # adapter slots in the pool
-    max_rank: int = 64
-    num_pages: int | None = None  # rank pages per target module (None: num_slots × ceil(max_rank / 16))
-    fold_shared: bool = False  # VeRA: per-adapter factors with λ folded in, instead of shared projections
     nf4_backend: str = "bnb"  # "bnb", "auto" (Triton where it wins) or "triton" (see NF4Linear)
 
 
@@ -64,8 +59,10 @@ class _Weights:
         return {k: self.get(k) for k in self._where if k.startswith(prefix)}
 
 
-def _linear(w: _Weights, prefix: str, spec: LoadSpec):
-    """A base linear for `prefix` (e.g. model.layers.0.self_attn.q_proj) and its bias."""
+def _slice(w: _Weights, prefix: str, spec: LoadSpec):
+    """The weight of `prefix` (e.g. model.layers.0.self_attn.q_proj) on spec.device, and its
+    bias: a bitsandbytes NF4 `Params4bit` when spec.quant.mode is "nf4" (quantized here, or
+    read as saved in bitsandbytes 4-bit form), else a dense [out, in] tensor."""
     key = prefix + ".weight"
     bias = w.get(prefix + ".bias").to(spec.dtype) if prefix + ".bias" in w else None
     if key + _BNB_STATE_SUFFIX in w:  # saved in bitsandbytes 4-bit form
@@ -73,15 +70,18 @@ def _linear(w: _Weights, prefix: str, spec: LoadSpec):
 
         stats = {k[len(key) + 1 :]: v for k, v in w.with_prefix(key + ".").items()}
         params = bnb.nn.Params4bit.from_prequantized(w.get(key), stats, requires_grad=False, device=spec.device)
-        if spec.quant.mode == "none":
-            from loraplex.server.model.quantize import dequantize_nf4
-
-            return DenseLinear(dequantize_nf4(params), spec.dtype), bias
-        return NF4Linear(params, params.quant_state.shape[0], spec.dtype, spec.nf4_backend), bias
+        return (params if spec.quant.mode == "nf4" else dequantize_nf4(params)), bias
     weight = w.get(key).to(spec.device)
+    return (nf4_params(weight.float(), spec.quant) if spec.quant.mode == "nf4" else weight), bias
+
+
+def _linear(w: _Weights, prefixes: list[str], spec: LoadSpec):
+    """The base of one group of slices (server/model/linear.py: one matmul for the group)
+    and the slices' biases ([out_i] or None)."""
+    parts, biases = zip(*(_slice(w, prefix, spec) for prefix in prefixes))
     if spec.quant.mode == "nf4":
-        return NF4Linear.quantize(weight, spec.dtype, spec.quant, spec.nf4_backend), bias
-    return DenseLinear(weight, spec.dtype), bias
+        return nf4_group(parts, spec.dtype, spec.nf4_backend), list(biases)
+    return DenseLinear.stack(parts, spec.dtype), list(biases)
 
 
 def load_model(model_dir: Path | str, spec: LoadSpec = LoadSpec()) -> LlamaModel:
@@ -89,7 +89,6 @@ def load_model(model_dir: Path | str, spec: LoadSpec = LoadSpec()) -> LlamaModel
     config = ModelConfig.from_pretrained(model_dir)
     w = _Weights(model_dir)
     device = torch.device(spec.device)
-    num_pages = spec.num_pages if spec.num_pages is not None else spec.num_slots * pages_for(spec.max_rank)
 
     def dense(key: str) -> torch.Tensor:
         return w.get(key).to(device=device, dtype=spec.dtype)
@@ -99,25 +98,19 @@ def load_model(model_dir: Path | str, spec: LoadSpec = LoadSpec()) -> LlamaModel
         p = f"model.layers.{i}"
         groups = {}
         for names in GROUPS:
-            bases, biases = [], []
-            for name in names:
-                sub = "self_attn" if name in _ATTN else "mlp"
-                base, bias = _linear(w, f"{p}.{sub}.{name}", spec)
-                bases.append(base.to(device))
-                biases.append(bias)
+            prefixes = [f"{p}.{'self_attn' if name in _ATTN else 'mlp'}.{name}" for name in names]
+            base, biases = _linear(w, prefixes, spec)
             in_features = config.module_shape(names[0])[1]
-            groups[names[0]] = AdapterLinear(
-                names, bases, biases, in_features, spec.num_slots, spec.max_rank, num_pages, spec.dtype, device, spec.fold_shared
-            )
+            groups[names[0]] = AdapterLinear(names, base.to(device), biases, in_features, spec.dtype, device)
         norms = (
             RMSNorm(dense(f"{p}.input_layernorm.weight"), config.rms_norm_eps),
             RMSNorm(dense(f"{p}.post_attention_layernorm.weight"), config.rms_norm_eps),
         )
-        layers.append(DecoderLayer(config, groups, norms))
+        layers.append(DecoderLayer(config, groups, norms, i))
     embed = dense("model.embed_tokens.weight")
     lm_head = embed if config.tie_word_embeddings or "lm_head.weight" not in w else dense("lm_head.weight")
     norm = RMSNorm(dense("model.norm.weight"), config.rms_norm_eps)
-    return LlamaModel(config, embed, layers, norm, lm_head, spec.num_slots, spec.max_rank, num_pages, spec.dtype, device)
+    return LlamaModel(config, embed, layers, norm, lm_head, spec.dtype, device)
 
 
 def is_prequantized(model_dir: Path | str) -> bool:

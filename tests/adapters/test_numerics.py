@@ -193,6 +193,7 @@ def test_startup_skips_an_unservable_adapter_with_its_reason(tmp_path, caplog):
         engine = Engine.from_config(EngineConfig(model_dir=TINY, adapter_root=root, device="cpu", kv_cache_tokens=512,
                                                  max_batch_tokens=64, adapter_slots=2, max_rank=8))  # fmt: skip
     try:
+        engine.adapters.wait_validated(60)  # directories register from their config; weights are checked in the background
         assert [a.adapter_id for a in engine.adapters.list()] == ["fine"]
         skipped = "\n".join(r.getMessage() for r in caplog.records if "skipping adapter" in r.getMessage())
         assert "skipping adapter huge-alpha: layer 0 q_proj: scale s = 2.5e+307" in skipped, skipped

@@ -91,14 +91,20 @@ def test_a_failed_replace_keeps_the_old_version(make_engine, adapter_dirs, tmp_p
 
 
 def test_host_cache_eviction_reloads_in_the_background(make_engine, adapter_dirs):
-    engine = make_engine(host_cache_bytes=1)  # keeps at most one converted adapter on the host
-    for name in ("lora0", "dora1", "vera2"):
-        engine.adapters.add(name, adapter_dirs[name])
+    names = ("lora0", "dora1", "vera2")
+    engine = make_engine()
+    a = engine.adapters
+    sizes = [a.pages.stage(a.convert(adapter_dirs[n])).nbytes for n in names]
+    host = a.host
+    host.budget_bytes = max(sizes)  # holds about one staged adapter
+    for name in names:
+        a.add(name, adapter_dirs[name])
     first = {n: engine.generate(_req(engine, n), timeout=60).token_ids for n in ("lora0", "dora1", "vera2")}
-    for key in list(engine.pool.resident):  # evict everything from the device too (the engine is idle)
-        engine.pool.remove(key)
+    for key in list(engine.adapters.device.resident):  # evict everything from the device too (the engine is idle)
+        engine.adapters.device.remove(key)
     again = {n: engine.generate(_req(engine, n), timeout=60).token_ids for n in ("vera2", "lora0", "dora1")}
     assert again == first
+    assert host.nbytes <= host.budget_bytes and len(host) < 3  # the cache never exceeds its budget
 
 
 def test_removed_or_replaced_while_waiting_ends_only_that_request(make_engine, adapter_dirs):
@@ -121,3 +127,85 @@ def test_removed_or_replaced_while_waiting_ends_only_that_request(make_engine, a
     swapped = waiting_swapped.result(timeout=60)
     assert swapped.finish_reason == "length" and swapped.token_ids == expected_new
     assert engine.stats().adapter_pins == 0 and engine.blocks.num_used == 0
+
+
+def test_a_request_queued_after_a_replace_binds_the_new_version_even_while_the_old_is_pinned(make_engine, adapter_dirs):
+    engine = make_engine(max_running=2)
+    engine.adapters.add("new-ref", adapter_dirs["vera2"])
+    new_tokens = engine.generate(_req(engine, "new-ref"), timeout=60).token_ids
+    engine.adapters.add("a", adapter_dirs["lora0"])
+    old_tokens = engine.generate(_req(engine, "a"), timeout=60).token_ids
+    assert old_tokens != new_tokens
+    running = engine.submit(_req(engine, "a", n=60))  # pins the old version in its slot
+    next(running.events(timeout=30))
+    blocker = engine.submit(_req(engine, None, n=60))  # fills the second running place
+    next(blocker.events(timeout=30))
+    queued = engine.submit(_req(engine, "a"))  # queued before the replace, with the old key
+    engine.adapters.add("a", adapter_dirs["vera2"], replace=True)
+    assert running.result(timeout=60).token_ids[:12] == old_tokens  # the running request keeps its version
+    assert queued.result(timeout=60).token_ids == new_tokens  # admitted after the replace: the current version
+    blocker.result(timeout=60)
+    assert engine.stats().adapter_pins == 0
+
+
+def test_a_failing_device_write_ends_only_that_adapters_requests(make_engine, adapter_dirs, monkeypatch):
+    engine = make_engine()
+    for name in ("lora0", "dora1", "broken"):
+        engine.adapters.add(name, adapter_dirs["vera2" if name == "broken" else name])
+    solo = {n: engine.generate(_req(engine, n, n=30), timeout=60).token_ids for n in ("lora0", "dora1", None)}
+    for key in list(engine.adapters.device.resident):
+        engine.adapters.device.remove(key)
+    broken_key = engine.adapters.key_of("broken")
+    real_apply = engine.adapters.pages.apply
+
+    def apply(plan):
+        if plan.staged is engine.adapters.host.get(broken_key):
+            raise RuntimeError("injected device write failure")
+        real_apply(plan)
+
+    monkeypatch.setattr(engine.adapters.pages, "apply", apply)
+    others = {n: engine.submit(_req(engine, n, n=30)) for n in ("lora0", "dora1", None)}
+    next(others[None].events(timeout=30))
+    failing = [engine.submit(_req(engine, "broken")) for _ in range(3)]
+    for h in failing:
+        r = h.result(timeout=60)
+        assert r.finish_reason == "error" and "'broken'" in r.error and "injected device write failure" in r.error
+    assert {n: h.result(timeout=60).token_ids for n, h in others.items()} == solo
+    s = engine.stats()
+    assert s.adapter_pins == 0 and engine.blocks.num_used == 0
+    assert ("broken" not in [k[0] for k in engine.adapters.device.resident]) and s.adapter_load_failures >= 3
+    assert sum(engine.adapters.pages.pages_free()) + s.adapter_pages_used == s.adapter_pages_total
+
+
+def test_directories_register_from_their_config_and_are_validated_in_the_background(make_engine, adapter_dirs, tmp_path, caplog):
+    import logging
+
+    root = tmp_path / "root"
+    for i in range(40):
+        shutil.copytree(adapter_dirs["lora0" if i % 2 else "dora1"], root / f"a{i:02d}")
+    broken = root / "zz-broken"
+    shutil.copytree(adapter_dirs["lora0"], broken)
+    (broken / "adapter_model.safetensors").write_bytes(b"\x00" * 64)  # the config is fine; the weights are not
+    engine = make_engine(adapter_slots=4)
+    with caplog.at_level(logging.WARNING):
+        engine.register_adapter_root(root)
+        assert len(engine.adapters) == 41  # registered from their configs, the broken one too (for now)
+        info = engine.adapters.get("a01")
+        assert info.adapter_type == "lora" and info.ranks == engine.adapters.validate(adapter_dirs["lora0"]).ranks
+        assert engine.adapters.get("a00").adapter_type == "dora"
+        served = engine.generate(_req(engine, "a07"), timeout=60)  # usable before its background validation
+        assert served.finish_reason == "length"
+        engine.adapters.wait_validated(120)
+    assert len(engine.adapters) == 40 and "zz-broken" not in engine.adapters
+    assert all(i.validated for i in engine.adapters.list())
+    assert any("skipping adapter zz-broken" in r.getMessage() for r in caplog.records)
+    assert engine.generate(_req(engine, "a07"), timeout=60).token_ids == served.token_ids
+
+
+def test_host_cache_offer_never_evicts(make_engine, adapter_dirs):
+    engine = make_engine()
+    a = engine.adapters
+    staged = a.pages.stage(a.convert(adapter_dirs["lora0"]))
+    a.host.budget_bytes = staged.nbytes + 1
+    assert a.host.offer(("x", 1), staged) and not a.host.offer(("y", 1), staged)  # no room: nothing dropped
+    assert ("x", 1) in a.host and ("y", 1) not in a.host and a.host.nbytes <= a.host.budget_bytes

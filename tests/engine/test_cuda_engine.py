@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from loraplex.adapters.loader import load_adapter_dir
-from loraplex.kernels.backend import lora_ops
+from loraplex.server.model.ops import model_ops
 from loraplex.server.engine.config import EngineConfig
 from loraplex.server.engine.engine import Engine
 from loraplex.server.engine.request import GenerationRequest, SamplingParams
 from loraplex.server.model.llama import score_sequence
+from loraplex.server.engine.adapter_pages import AdapterPages
 from loraplex.server.model.loader import LoadSpec, load_model
 from peft_adapters import KINDS, TINY, save_peft_adapter
 
@@ -32,7 +33,7 @@ def adapter_dirs(tmp_path_factory):
 def test_mixed_batch_on_cuda_gives_solo_tokens(adapter_dirs, nf4_backend):
     engine = Engine.from_config(EngineConfig(model_dir=TINY, device="cuda", dtype="float32", kv_cache_tokens=4096,
                                              max_batch_tokens=64, adapter_slots=8, max_rank=32, nf4_backend=nf4_backend))  # fmt: skip
-    assert engine.runner.ops.name == "triton"
+    assert engine.runner.ops.name == "triton" and engine.runner.ops.lora.name == "triton"
     for kind, path in adapter_dirs.items():
         engine.adapters.add(kind, path)
     engine.start()
@@ -50,6 +51,30 @@ def test_mixed_batch_on_cuda_gives_solo_tokens(adapter_dirs, nf4_backend):
         engine.shutdown(1.0)
 
 
+def _decode_batch_tokens(adapter_dirs, graphs: bool):
+    engine = Engine.from_config(EngineConfig(model_dir=TINY, device="cuda", dtype="float32", kv_cache_tokens=4096, max_running=16,
+                                             max_batch_tokens=256, adapter_slots=8, max_rank=32, cuda_graphs=graphs))  # fmt: skip
+    for kind, path in adapter_dirs.items():
+        engine.adapters.add(kind, path)
+    engine.start()
+    try:
+        engine.warmup()
+        jobs = [(kind, p) for kind in list(KINDS) + [None] for p in PROMPTS][:11]  # 11 rows: bucket 16 with padding
+        handles = [engine.submit(GenerationRequest(engine.tokenizer.encode(p), SamplingParams(max_new_tokens=24, ignore_eos=True),
+                                                   adapter_id=k)) for k, p in jobs]  # fmt: skip
+        return [h.result(timeout=120).token_ids for h in handles], engine.stats()
+    finally:
+        engine.shutdown(1.0)
+
+
+def test_cuda_graph_replays_give_the_eager_tokens(adapter_dirs):
+    eager, eager_stats = _decode_batch_tokens(adapter_dirs, graphs=False)
+    graphed, stats = _decode_batch_tokens(adapter_dirs, graphs=True)
+    assert eager_stats.cuda_graph_buckets == 0 and eager_stats.cuda_graph_replays == 0
+    assert stats.cuda_graph_buckets == 5 and stats.cuda_graph_replays > 10 and stats.cuda_graph_bytes > 0  # buckets 1 2 4 8 16
+    assert graphed == eager
+
+
 def test_cuda_defaults_are_bf16_and_triton():
     config = EngineConfig(model_dir=TINY)
     assert config.torch_device.type == "cuda" and config.torch_dtype == torch.bfloat16
@@ -57,15 +82,16 @@ def test_cuda_defaults_are_bf16_and_triton():
 
 def test_kernels_match_torch_ops_in_bf16(adapter_dirs):
     ids = [1] + [b + 3 for b in b"the teacher paints a blue boat"]
-    bf16 = load_model(TINY, LoadSpec(dtype=torch.bfloat16, device="cuda", num_slots=len(KINDS), max_rank=32))
-    fp32 = load_model(TINY, LoadSpec(dtype=torch.float32, device="cuda", num_slots=len(KINDS), max_rank=32))
+    bf16 = load_model(TINY, LoadSpec(dtype=torch.bfloat16, device="cuda"))
+    fp32 = load_model(TINY, LoadSpec(dtype=torch.float32, device="cuda"))
+    bf16_pages, fp32_pages = AdapterPages(bf16, len(KINDS), 32), AdapterPages(fp32, len(KINDS), 32)
     for slot, kind in enumerate(KINDS):
-        bf16.load_adapter(slot, load_adapter_dir(adapter_dirs[kind], bf16, max_rank=32, dtype=torch.bfloat16))
-        fp32.load_adapter(slot, load_adapter_dir(adapter_dirs[kind], fp32, max_rank=32, dtype=torch.float32))
+        bf16_pages.write(slot, load_adapter_dir(adapter_dirs[kind], bf16, max_rank=32, dtype=torch.bfloat16))
+        fp32_pages.write(slot, load_adapter_dir(adapter_dirs[kind], fp32, max_rank=32, dtype=torch.float32))
     for slot, kind in enumerate(KINDS):
-        via_kernels = score_sequence(bf16, ids, slot=slot, ops=lora_ops("cuda", "triton"))
-        via_torch = score_sequence(bf16, ids, slot=slot, ops=lora_ops("cuda", "torch"))
-        exact = score_sequence(fp32, ids, slot=slot, ops=lora_ops("cuda", "torch"))
+        via_kernels = score_sequence(bf16, ids, slot=slot, ops=model_ops("cuda", "triton", "triton"))
+        via_torch = score_sequence(bf16, ids, slot=slot, ops=model_ops("cuda", "torch", "torch"))
+        exact = score_sequence(fp32, ids, slot=slot, ops=model_ops("cuda", "torch", "torch"))
         bf16_err = (via_torch - exact).abs().max().item()
         assert (via_kernels - via_torch).abs().max().item() <= bf16_err, kind  # both round to nearest on a GPU
         assert (via_kernels - exact).abs().max().item() <= 2 * bf16_err, kind

@@ -129,22 +129,22 @@ def test_shutdown_lets_running_requests_finish(make_engine):
 
 
 def test_a_sampling_failure_ends_only_its_request(make_engine, monkeypatch):
-    import loraplex.server.engine.engine as engine_module
-
-    real = engine_module.sample_one
-
-    def fragile(logits, params, generator):
-        if params.seed == 666:
-            raise RuntimeError("boom")
-        return real(logits, params, generator)
-
-    monkeypatch.setattr(engine_module, "sample_one", fragile)
-    monkeypatch.setattr(engine_module, "sample", lambda logits, ps, gs: [fragile(logits[i], p, g) for i, (p, g) in enumerate(zip(ps, gs))])
     engine = make_engine()
+    real = engine.runner.run
+
+    def broken_rows(plan):  # NaN logits for the request with seed 666, as a broken adapter would give
+        logits = real(plan).clone()  # the runner's are inference tensors
+        wanting = [item.seq for item in plan if item.wants_logits]
+        for row, seq in enumerate(wanting):
+            if seq.params.seed == 666:
+                logits[row, 3] = float("nan")
+        return logits
+
+    monkeypatch.setattr(engine.runner, "run", broken_rows)
     good = [engine.submit(_req(engine, p, max_new_tokens=12, temperature=0.7, seed=1)) for p in PROMPTS]
     bad = engine.submit(_req(engine, "the cat", max_new_tokens=12, temperature=0.7, seed=666))
     failed = bad.result(timeout=60)
-    assert failed.finish_reason == "error" and "boom" in failed.error
+    assert failed.finish_reason == "error" and failed.error == "sampling failed: the logits are not finite"
     assert [h.result(timeout=60).finish_reason for h in good] == ["length"] * len(PROMPTS)
 
 

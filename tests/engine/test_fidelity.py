@@ -10,6 +10,7 @@ import torch
 from loraplex.adapters.loader import load_adapter_dir
 from loraplex.server.engine.request import GenerationRequest, SamplingParams
 from loraplex.server.model.llama import score_sequence
+from loraplex.server.engine.adapter_pages import AdapterPages
 from loraplex.server.model.loader import LoadSpec, load_model
 from peft_adapters import KINDS, TINY, save_peft_adapter
 
@@ -27,15 +28,17 @@ def peft_adapters(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runner_model():
-    return load_model(TINY, LoadSpec(num_slots=len(KINDS), max_rank=32))
+    model = load_model(TINY, LoadSpec())
+    return model, AdapterPages(model, len(KINDS), 32)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_logits_match_peft(kind, peft_adapters, runner_model):
     path, peft_model = peft_adapters[kind]
+    runner_model, pages = runner_model
     weights = load_adapter_dir(path, runner_model, max_rank=32, dtype=torch.float32)
     slot = KINDS.index(kind)
-    runner_model.load_adapter(slot, weights)
+    pages.write(slot, weights)
     ids = [1] + [b + 3 for b in b"the teacher paints a blue boat"]  # byte ids follow the 3 specials
     with torch.no_grad():
         ref = peft_model(torch.tensor([ids])).logits[0]

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from loraplex.server.engine.config import EngineConfig
-from loraplex.server.engine.engine import adapter_pool_size
+from loraplex.server.engine.adapter_manager import adapter_pool_size
 from loraplex.server.engine.request import GenerationRequest, SamplingParams
 from loraplex.server.model.config import ModelConfig
-from loraplex.server.model.llama import adapter_page_bytes, adapter_slot_bytes
+from loraplex.server.engine.adapter_pages import adapter_page_bytes, adapter_slot_bytes
 from lora_dirs import TINY, write_lora
 
 SLOTS, MAX_RANK = 6, 64  # a max-rank adapter takes 4 pages per target module
@@ -36,14 +36,14 @@ def test_pool_size_from_bytes():
 
 def test_four_small_adapters_fit_where_one_large_does(make_engine, tmp_path):
     engine = make_engine(adapter_slots=SLOTS, max_rank=MAX_RANK, adapter_pool_bytes=pool_bytes(4))
-    assert engine.model.num_pages == 4
+    assert engine.adapters.pages.num_pages == 4
     small = [f"r16_{i}" for i in range(4)]
     for i, name in enumerate(small):
         engine.adapters.add(name, write_lora(tmp_path / name, rank=16, seed=i))
     engine.adapters.add("r64", write_lora(tmp_path / "r64", rank=64, seed=9))
     solo = {n: engine.generate(_req(engine, n), timeout=60).token_ids for n in small + ["r64"]}
-    for key in list(engine.pool.resident):
-        engine.pool.remove(key)
+    for key in list(engine.adapters.device.resident):
+        engine.adapters.device.remove(key)
     base_evictions = engine.stats().adapter_evictions
 
     handles = [(n, engine.submit(_req(engine, n, n=200))) for n in small]  # long enough to overlap
@@ -87,6 +87,6 @@ def test_vera_adapters_share_their_projections(make_engine, vera_dirs, form):
     tokens = [h.result(timeout=60).token_ids[:8] for h in handles]
     solo = [engine.generate(_req(engine, n), timeout=60).token_ids for n in names]
     assert tokens == solo and len({tuple(t) for t in solo}) == 3  # each its own λ
-    for key in list(engine.pool.resident):
-        engine.pool.remove(key)
+    for key in list(engine.adapters.device.resident):
+        engine.adapters.device.remove(key)
     assert engine.stats().adapter_pages_used == 0

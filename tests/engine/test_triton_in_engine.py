@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from loraplex.adapters.loader import load_adapter_dir
-from loraplex.kernels.backend import lora_ops
+from loraplex.server.model.ops import model_ops
 from loraplex.server.engine.config import EngineConfig
 from loraplex.server.engine.engine import Engine
 from loraplex.server.engine.request import GenerationRequest, SamplingParams
 from loraplex.server.model.llama import score_sequence
+from loraplex.server.engine.adapter_pages import AdapterPages
 from loraplex.server.model.loader import LoadSpec, load_model
 from peft_adapters import KINDS, TINY, save_peft_adapter
 
@@ -51,16 +52,17 @@ def test_triton_ops_in_the_runner_give_the_torch_tokens(adapter_dirs):
 
 def test_bf16_model_through_the_kernels(adapter_dirs):
     ids = [1] + [b + 3 for b in b"the teacher paints"]
-    bf16 = load_model(TINY, LoadSpec(dtype=torch.bfloat16, num_slots=len(KINDS), max_rank=32))
-    fp32 = load_model(TINY, LoadSpec(num_slots=len(KINDS), max_rank=32))
+    bf16 = load_model(TINY, LoadSpec(dtype=torch.bfloat16))
+    fp32 = load_model(TINY, LoadSpec())
+    bf16_pages, fp32_pages = AdapterPages(bf16, len(KINDS), 32), AdapterPages(fp32, len(KINDS), 32)
     for slot, kind in enumerate(KINDS):
-        bf16.load_adapter(slot, load_adapter_dir(adapter_dirs[kind], bf16, max_rank=32, dtype=torch.bfloat16))
-        fp32.load_adapter(slot, load_adapter_dir(adapter_dirs[kind], fp32, max_rank=32, dtype=torch.float32))
+        bf16_pages.write(slot, load_adapter_dir(adapter_dirs[kind], bf16, max_rank=32, dtype=torch.bfloat16))
+        fp32_pages.write(slot, load_adapter_dir(adapter_dirs[kind], fp32, max_rank=32, dtype=torch.float32))
     for slot in range(len(KINDS)):
-        via_kernels = score_sequence(bf16, ids, slot=slot, ops=lora_ops("cpu", "triton"))
-        via_torch = score_sequence(bf16, ids, slot=slot, ops=lora_ops("cpu", "torch"))
+        via_kernels = score_sequence(bf16, ids, slot=slot, ops=model_ops("cpu", lora="triton"))
+        via_torch = score_sequence(bf16, ids, slot=slot, ops=model_ops("cpu", lora="torch"))
         exact = score_sequence(fp32, ids, slot=slot)
-        base = score_sequence(bf16, ids, slot=-1, ops=lora_ops("cpu", "torch"))
+        base = score_sequence(bf16, ids, slot=-1, ops=model_ops("cpu", lora="torch"))
         # Kernels and torch ops differ by bf16 roundings of the same fp32 sums. Triton's
         # interpreter rounds fp32 -> bf16 toward zero (a GPU rounds to nearest), so its
         # rounding errors reach twice bf16's own, plus one bf16 step at the logits' size.

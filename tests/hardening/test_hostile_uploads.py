@@ -157,7 +157,7 @@ def unfit_adapters(kit) -> dict[str, dict[str, bytes]]:
 
 def pool_state(engine) -> tuple:
     s = engine.stats()
-    return s.adapter_loads, s.adapters_resident, s.adapters_known, s.adapter_pins, tuple(engine.pool.resident)
+    return s.adapter_loads, s.adapters_resident, s.adapters_known, s.adapter_pins, tuple(engine.adapters.device.resident)
 
 
 # -- pickles --------------------------------------------------------------------------------------
@@ -512,5 +512,5 @@ def test_replace_and_unload_during_running_and_queued_calls(hardened, kit, stub,
         if not unloaded:
             stub.unload("inflight", delete_files=True)
     hardened.wait_idle()
-    assert not any(key[0] == "inflight" for key in hardened.engine.pool.resident)
+    assert not any(key[0] == "inflight" for key in hardened.engine.adapters.device.resident)
     hardened.wait_no_leftovers()

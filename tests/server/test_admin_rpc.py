@@ -33,6 +33,18 @@ def test_list_and_get(admin):
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_list_pages_through_every_adapter(admin):
+    everything = [a.adapter_id for a in admin.list_adapters()]
+    assert [a.adapter_id for a in admin.list_adapters(page_size=1)] == everything  # one page per adapter
+    first = admin._admin.ListAdapters(admin_pb2.ListAdaptersRequest(page_size=2), metadata=admin._admin_metadata)
+    assert [a.adapter_id for a in first.adapters] == everything[:2] and first.next_page_token
+    last = admin._admin.ListAdapters(admin_pb2.ListAdaptersRequest(page_token=everything[-2]), metadata=admin._admin_metadata)
+    assert [a.adapter_id for a in last.adapters] == everything[-1:] and last.next_page_token == ""
+    with pytest.raises(grpc.RpcError) as e:
+        admin._admin.ListAdapters(admin_pb2.ListAdaptersRequest(page_size=1001), metadata=admin._admin_metadata)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
 def test_upload_large_adapter_in_chunks_then_generate(running, admin, client, make_lora):
     src = make_lora(rank=128, seed=11)
     assert (src / "adapter_model.safetensors").stat().st_size > FOUR_MIB  # one message could not carry it

@@ -3,6 +3,7 @@ the Prometheus endpoint: counters move, engine gauges are there, labels stay bou
 
 from __future__ import annotations
 
+import re
 import urllib.request
 
 import grpc
@@ -85,3 +86,24 @@ def test_admin_calls_are_counted(running, admin, client):
     key = lambda code: ("loraplex_requests_total", (("code", code), ("method", "ListAdapters")))  # noqa: E731
     assert after[key("OK")] - before.get(key("OK"), 0) == 1
     assert after[key("UNAUTHENTICATED")] - before.get(key("UNAUTHENTICATED"), 0) == 1
+
+
+def test_per_adapter_series_are_the_busiest_and_the_rest_is_other():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from loraplex.server.metrics import AdapterRequests
+
+    series = AdapterRequests(max_series=3)
+    registry = CollectorRegistry()
+    registry.register(series)
+    for i, n in enumerate((5, 1, 4, 2, 3)):
+        for _ in range(n):
+            series.count(f"a{i}")
+    series.count("_base")
+    series.count("_unknown")
+    text = generate_latest(registry).decode()
+    got = dict(re.findall(r'^loraplex_adapter_requests_total\{adapter="([^"]+)"\} (\S+)$', text, re.M))
+    assert got == {"a0": "5.0", "a2": "4.0", "a4": "3.0", "_other": "3.0", "_base": "1.0", "_unknown": "1.0"}
+    series.forget("a0")
+    got = dict(re.findall(r'^loraplex_adapter_requests_total\{adapter="([^"]+)"\} (\S+)$', generate_latest(registry).decode(), re.M))
+    assert got == {"a2": "4.0", "a4": "3.0", "a3": "2.0", "_other": "1.0", "_base": "1.0", "_unknown": "1.0"}

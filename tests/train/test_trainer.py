@@ -98,7 +98,10 @@ def test_trains_and_reloads_with_same_logits(adapter_type, trained, tiny_model_d
 def runner_model(tiny_model_dir):
     from loraplex.server.model.loader import LoadSpec, load_model
 
-    return load_model(tiny_model_dir, LoadSpec(num_slots=1, max_rank=64))
+    from loraplex.server.engine.adapter_pages import AdapterPages
+
+    model = load_model(tiny_model_dir, LoadSpec())
+    return model, AdapterPages(model, 1, 64)
 
 
 @pytest.mark.parametrize("adapter_type", TYPES)
@@ -106,11 +109,12 @@ def test_written_adapter_serves_in_loraplex_with_the_trained_logits(adapter_type
     from loraplex.adapters.loader import load_adapter_dir
     from loraplex.server.model.llama import score_sequence
 
+    runner_model, pages = runner_model
     result = trained(adapter_type)
     weights = load_adapter_dir(result.out_dir, runner_model, max_rank=64, dtype=torch.float32)
     assert weights.adapter_type == {"lora+": "lora"}.get(adapter_type, adapter_type)
     assert sum(d.rank for d in weights.modules.values()) <= sum(result.ranks.values())  # AdaLoRA: the pruned ranks
-    runner_model.load_adapter(0, weights)
+    pages.write(0, weights)
     ids = [1] + [b + 3 for b in b"the old man likes the moon"]  # byte ids follow the 3 specials
     with torch.no_grad():
         want = result.model.eval()(input_ids=torch.tensor([ids])).logits[0]

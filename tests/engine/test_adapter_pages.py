@@ -1,25 +1,57 @@
-"""AdapterLinear's rank-paged storage under churn: adapters of random ranks loaded into
-and cleared from slots in random order (so pages fragment and an adapter's pages stop
-being consecutive), the output checked against dense math after every operation, with
-the torch ops and with the Triton kernels (the interpreter on CPU)."""
+"""AdapterPages (the manager's books of the rank pages) and AdapterLinear's tensors under
+churn: adapters of random ranks written into and released from slots in random order (so
+pages fragment and an adapter's pages stop being consecutive), the output checked
+against dense math after every operation, with the torch ops and with the Triton
+kernels (the interpreter on CPU)."""
+
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from loraplex.adapters.form import ModuleDelta
+from loraplex.adapters.form import AdapterWeights, ModuleDelta
 from loraplex.kernels.backend import lora_ops
 from loraplex.kernels.mapping import build_mapping
 from loraplex.kernels.rank_pages import pages_for
+from loraplex.server.engine.adapter_pages import AdapterPages
+from loraplex.server.engine.page_free_list import PageFreeList
 from loraplex.server.model.adapter_linear import AdapterLinear
 from loraplex.server.model.linear import DenseLinear
-from loraplex.server.model.page_free_list import PageFreeList
 
 IN, WIDTHS, SLOTS, MAX_RANK, PAGES = 24, (20, 12, 12), 5, 40, 7  # 7 pages: 5 slots of rank > 16 do not fit
 
 
+class OneGroup:
+    """A model of one adapter layer, as AdapterPages sees a LlamaModel."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, layer: AdapterLinear):
+        self.layer = layer
+
+    def adapter_groups(self):
+        yield 0, self.layer
+
+
+def make_group(gen, names=("q", "k", "v"), widths=WIDTHS, biases=None, slots=SLOTS, max_rank=MAX_RANK, pages=PAGES):
+    """(layer, its AdapterPages)."""
+    base = DenseLinear.stack([torch.randn(w, IN, generator=gen) for w in widths], torch.float32)
+    layer = AdapterLinear(list(names), base, biases or [None] * len(widths), IN, torch.float32, torch.device("cpu"))
+    return layer, AdapterPages(OneGroup(layer), slots, max_rank, pages)
+
+
 def make_layer(gen):
-    bases = [DenseLinear(torch.randn(w, IN, generator=gen), torch.float32) for w in WIDTHS]
-    return AdapterLinear(["q", "k", "v"], bases, [None, torch.randn(12, generator=gen), None], IN, SLOTS, MAX_RANK, PAGES, torch.float32, torch.device("cpu"))
+    return make_group(gen, biases=[None, torch.randn(12, generator=gen), None])
+
+
+def run(layer, x, slots, ops):
+    """The layer's forward with a step context that holds only the mapping (all it reads)."""
+    layer.step, layer.ops = SimpleNamespace(mapping=build_mapping(slots, layer.num_slots)), ops
+    return layer(x)
+
+
+def adapter(deltas, names=("q", "k", "v")) -> AdapterWeights:
+    return AdapterWeights("lora", {(0, n): d for n, d in zip(names, deltas) if d is not None})
 
 
 def random_deltas(gen, dora):
@@ -36,7 +68,7 @@ def random_deltas(gen, dora):
 
 def dense_forward(layer, x, slots, resident):
     """Per token: y_i = g ⊙ (W_i x + s · B (A x)) + bias, from the deltas as loaded."""
-    y = torch.cat([b(x) for b in layer.bases], dim=-1)  # [T, sum out]
+    y = layer.base(x)  # [T, sum out]
     for tok, s in enumerate(slots.tolist()):
         if s < 0:
             continue
@@ -61,7 +93,7 @@ SCRIPT = [(0, 16), (1, 16), (2, 16), (3, 48), (4, 16), (0, None), (2, None), (0,
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_churn_matches_dense_math_and_frees_every_page(backend):
     gen = torch.Generator().manual_seed(3)
-    layer, ops = make_layer(gen), lora_ops("cpu", backend)
+    (layer, pages), ops = make_layer(gen), lora_ops("cpu", backend)
     resident = {}
     refused = fragmented = 0
     script = [(slot, fixed_deltas(gen, r) if r else None) for slot, r in SCRIPT]
@@ -73,44 +105,56 @@ def test_churn_matches_dense_math_and_frees_every_page(backend):
             slot = int(torch.randint(0, SLOTS, (1,), generator=gen))
             deltas = None if slot in resident and torch.rand(1, generator=gen).item() < 0.4 else random_deltas(gen, dora=step % 3 == 0)
         if deltas is None:
-            layer.clear(slot)
+            pages.release(slot)
             resident.pop(slot, None)
         else:
-            if not layer.fits(deltas, {slot}):
+            staged = pages.stage(adapter(deltas))
+            if not pages.fits(staged, {slot}):
                 with pytest.raises(ValueError, match="not enough free rank pages"):
-                    layer.load(slot, deltas)
+                    pages.write(slot, staged)
                 resident.pop(slot, None)  # a failed load leaves the slot empty
-                assert all(slot not in keys for keys in layer._key_of)
+                assert all(slot not in keys for keys in pages._key_of[0])
                 refused += 1
                 continue
-            layer.load(slot, deltas)
+            pages.write(slot, staged)
             resident[slot] = deltas
-            ids = [layer._factors[i][key].pages for i, key in enumerate(k.get(slot) for k in layer._key_of) if key is not None]
+            factors, key_of = pages._factors[0], pages._key_of[0]
+            ids = [factors[i][key].pages for i, key in enumerate(k.get(slot) for k in key_of) if key is not None]
             fragmented += any(p != list(range(p[0], p[0] + len(p))) for p in ids if p)
-        held = [sum(len(f.pages) for f in layer._factors[i].values()) for i in range(3)]
-        assert [PAGES - f for f in layer.free_pages()] == held  # no page leaked
-        assert sorted(p for f in layer._factors[0].values() for p in f.pages) == sorted(set(p for f in layer._factors[0].values() for p in f.pages))
+        factors = pages._factors[0]
+        held = [sum(len(f.pages) for f in factors[i].values()) for i in range(3)]
+        assert [PAGES - f for f in pages.pages_free()] == held  # no page leaked
+        assert sorted(p for f in factors[0].values() for p in f.pages) == sorted(set(p for f in factors[0].values() for p in f.pages))
         x = torch.randn(11, IN, generator=gen)
         slots = torch.tensor((list(resident) + [-1]) * 11, dtype=torch.int32)[:11]
-        got = layer(x, build_mapping(slots, SLOTS), ops)
+        got = run(layer, x, slots, ops)
         torch.testing.assert_close(got, dense_forward(layer, x, slots, resident), atol=1e-4, rtol=1e-4)
     assert fragmented and refused  # the churn reached scattered pages and a full pool
     for slot in list(resident):
-        layer.clear(slot)
-    assert layer.free_pages() == [PAGES] * 3
+        pages.release(slot)
+    assert pages.pages_free() == [PAGES] * 3
 
 
 def test_small_ranks_take_one_page_each():
-    layer = make_layer(torch.Generator().manual_seed(0))
+    layer, pages = make_layer(torch.Generator().manual_seed(0))
     d = [ModuleDelta(torch.randn(r, IN), torch.randn(w, r), 1.0) for r, w in zip((1, 16, 17), WIDTHS)]
-    layer.load(2, d)
-    assert layer.free_pages() == [PAGES - 1, PAGES - 1, PAGES - 2]
+    pages.write(2, adapter(d))
+    assert pages.pages_free() == [PAGES - 1, PAGES - 1, PAGES - 2]
     assert layer.ranks[:, 2].tolist() == [1, 16, 17]
+
+
+def test_a_staged_adapter_is_one_buffer_of_whole_pages():
+    layer, pages = make_layer(torch.Generator().manual_seed(0))
+    d = [ModuleDelta(torch.randn(r, IN), torch.randn(w, r), 1.0) for r, w in zip((1, 16, 17), WIDTHS)]
+    staged = pages.stage(adapter(d))
+    rows = 16 + 16 + 32  # each slice's rank rounded up to whole pages of 16 rows
+    assert staged.data.numel() == rows * IN + sum(16 * ((r + 15) // 16) * w for r, w in zip((1, 16, 17), WIDTHS))
+    assert staged.nbytes == staged.data.numel() * 4 + staged.fdata.numel() * 4 and len(staged.parts) == 3
 
 
 def test_pool_too_small_for_max_rank_is_refused():
     with pytest.raises(ValueError, match="cannot hold one adapter of rank 40"):
-        AdapterLinear(["o"], [DenseLinear(torch.randn(8, IN), torch.float32)], [None], IN, 2, 40, pages_for(40) - 1, torch.float32, torch.device("cpu"))
+        make_group(torch.Generator(), names=["o"], widths=[8], slots=2, max_rank=40, pages=pages_for(40) - 1)
 
 
 def test_free_list_prefers_a_consecutive_run():
@@ -137,41 +181,41 @@ def vera_like(gen, shared_a, shared_b, key):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_shared_factors_are_stored_once(backend, fold):
     gen = torch.Generator().manual_seed(7)
-    bases = [DenseLinear(torch.randn(w, IN, generator=gen), torch.float32) for w in WIDTHS]
-    layer = AdapterLinear(["q", "k", "v"], bases, [None] * 3, IN, SLOTS, MAX_RANK, 12, torch.float32, torch.device("cpu"), fold_shared=fold)
+    layer, pages = make_group(gen, pages=12)
+    base = layer.base
     shared_a = [torch.randn(33, IN, generator=gen) for _ in WIDTHS]  # rank 33: 3 pages
     shared_b = [torch.randn(w, 33, generator=gen) for w in WIDTHS]
     resident = {0: vera_like(gen, shared_a, shared_b, "p"), 1: vera_like(gen, shared_a, shared_b, "p"), 2: random_deltas(gen, dora=True)}
     resident[2] = [d or ModuleDelta(torch.randn(3, IN, generator=gen), torch.randn(w, 3, generator=gen), 1.0) for d, w in zip(resident[2], WIDTHS)]
     for slot, deltas in resident.items():
-        layer.load(slot, deltas)
-    own = [12 - f for f in layer.free_pages()]  # pages of the LoRA/DoRA slot + the VeRA factors
+        pages.write(slot, pages.stage(adapter(deltas), fold_shared=fold))
+    own = [12 - f for f in pages.pages_free()]  # pages of the LoRA/DoRA slot + the VeRA factors
     lora_pages = [pages_for(d.rank) for d in resident[2]]
     assert own == [lp + (6 if fold else 3) for lp in lora_pages]  # shared: one copy for two adapters
     x = torch.randn(9, IN, generator=gen)
     slots = torch.tensor([0, 1, 2, -1, 1, 0, 2, 1, 0], dtype=torch.int32)
-    got = layer(x, build_mapping(slots, SLOTS), lora_ops("cpu", backend))
-    y = torch.cat([b(x) for b in bases], dim=-1)
+    got = run(layer, x, slots, lora_ops("cpu", backend))
+    y = base(x)
     torch.testing.assert_close(got, dense_forward(layer, x, slots, resident), atol=1e-4, rtol=1e-4)
     assert not torch.equal(got[0], got[1]) and not torch.equal(got, y)
     # shared factors go with their last holder; folded ones with their own slot
-    layer.clear(0)
-    assert [12 - f for f in layer.free_pages()] == [o - (3 if fold else 0) for o in own]
-    layer.clear(1)
-    assert [12 - f for f in layer.free_pages()] == lora_pages
+    pages.release(0)
+    assert [12 - f for f in pages.pages_free()] == [o - (3 if fold else 0) for o in own]
+    pages.release(1)
+    assert [12 - f for f in pages.pages_free()] == lora_pages
 
 
 def test_fits_counts_shared_factors_freed_only_with_their_last_holder():
     gen = torch.Generator().manual_seed(1)
-    bases = [DenseLinear(torch.randn(8, IN, generator=gen), torch.float32)]
-    layer = AdapterLinear(["o"], bases, [None], IN, 4, 32, 4, torch.float32, torch.device("cpu"))
+    layer, pages = make_group(gen, names=["o"], widths=[8], slots=4, max_rank=32, pages=4)
+    one = lambda deltas: pages.stage(adapter(deltas, names=["o"]))  # noqa: E731
     a, b = torch.randn(32, IN, generator=gen), torch.randn(8, 32, generator=gen)
-    layer.load(0, vera_like(gen, [a], [b], "p"))  # 2 pages, shared
-    layer.load(1, vera_like(gen, [a], [b], "p"))  # no more pages
-    layer.load(2, [ModuleDelta(torch.randn(20, IN), torch.randn(8, 20), 1.0)])  # 2 pages: the pool is full
-    assert layer.free_pages() == [0]
-    big = [ModuleDelta(torch.randn(32, IN), torch.randn(8, 32), 1.0)]
-    same_projection = vera_like(gen, [a], [b], "p")
-    assert layer.fits(same_projection, set())  # its factors are resident: costs nothing
-    assert not layer.fits(big, {0}) and not layer.fits(big, {1})  # one holder gone: still held
-    assert layer.fits(big, {0, 1}) and layer.fits(big, {2})
+    pages.write(0, one(vera_like(gen, [a], [b], "p")))  # 2 pages, shared
+    pages.write(1, one(vera_like(gen, [a], [b], "p")))  # no more pages
+    pages.write(2, one([ModuleDelta(torch.randn(20, IN), torch.randn(8, 20), 1.0)]))  # 2 pages: the pool is full
+    assert pages.pages_free() == [0]
+    big = one([ModuleDelta(torch.randn(32, IN), torch.randn(8, 32), 1.0)])
+    same_projection = one(vera_like(gen, [a], [b], "p"))
+    assert pages.fits(same_projection, set())  # its factors are resident: costs nothing
+    assert not pages.fits(big, {0}) and not pages.fits(big, {1})  # one holder gone: still held
+    assert pages.fits(big, {0, 1}) and pages.fits(big, {2})

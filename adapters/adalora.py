@@ -38,7 +38,7 @@ class AdaLoraType:
     def type_name(self, config: AdapterConfig) -> str:
         return "adalora"
 
-    def declared_rank(self, config: AdapterConfig, key) -> int:
+    def declared_rank(self, config: AdapterConfig, key, shape=None) -> int:
         masks = config.rank_masks or {}
         return sum(masks[key]) if key in masks else config.init_r
 

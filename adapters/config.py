@@ -53,6 +53,25 @@ def _other_module_names(num_layers: int) -> list[str]:
 # Base-model-modifying initialisations: the adapter only works on a base PEFT rewrote.
 _BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
+
+def _base_modifying_init_message(init: str) -> str:
+    """Why an adapter with a base-rewriting init_lora_weights is refused, and what to do instead."""
+    if init.lower().startswith("loftq"):
+        return (
+            f"init_lora_weights={init!r}: this initialisation rewrites the base model's weights (LoftQ quantizes "
+            "them anew, the adapter correcting that quantization's error), so the adapter only works on the "
+            "quantized base LoftQ saved with it, not on the server's NF4 quantization of the original weights, "
+            "and PEFT cannot convert it to a plain LoRA; serve it with its own quantized base, or train a LoRA "
+            "on this one"
+        )
+    return (
+        f"init_lora_weights={init!r}: this initialisation rewrites the base model's weights (W - s·B·A of the "
+        "initial adapter), so the adapter only works on that rewritten base; convert it to a plain LoRA that works "
+        "on the original base: save the adapter as initialised, before training, to a directory INIT, then save "
+        "the trained one with PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=INIT), which "
+        "writes a rank-2r LoRA"
+    )
+
 _COMMON_INERT = {
     "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
     "inference_mode", "fan_in_fan_out",  # PEFT resets fan_in_fan_out to False for nn.Linear targets
@@ -86,6 +105,8 @@ class _TypeSpec:
     renamed: Mapping[str, str]  # JSON field -> AdapterConfig field
     rank_field: str  # the field holding the rank every module starts from
     rank_checked_at_parse: bool  # False where the final rank is only known after conversion
+    rank_power: int = 1  # the served rank is rank_field ** rank_power (LoHa: r·r)
+    rank_note: str = ""  # how the served rank follows from r, for the max-rank message ({r}: the largest r)
 
 
 _LORA_USED = {
@@ -93,6 +114,16 @@ _LORA_USED = {
     "bias", "modules_to_save", "init_lora_weights", "r", "lora_alpha", "use_rslora", "use_dora",
     "rank_pattern", "alpha_pattern",
 }  # fmt: skip
+
+# LoHa and LoKr (PEFT's LycorisConfig): alpha (renamed to lora_alpha), r, rank_pattern, alpha_pattern.
+_LYCORIS_USED = {
+    "peft_type", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
+    "modules_to_save", "r", "alpha", "rank_pattern", "alpha_pattern",
+}  # fmt: skip
+# rank_dropout, module_dropout (and LoKr's rank_dropout_scale) act in training only; init_weights only
+# initialises. use_effective_conv2d only changes convolutions (PEFT ignores it on nn.Linear, the only
+# modules an adapter may target here); a CP/Tucker tensor (hada_t1/t2, lokr_t2) is refused by the types.
+_LYCORIS_INERT = _COMMON_INERT | {"rank_dropout", "module_dropout", "init_weights", "use_effective_conv2d"}
 
 SPECS: Mapping[str, _TypeSpec] = MappingProxyType({
     "LORA": _TypeSpec(
@@ -114,6 +145,16 @@ SPECS: Mapping[str, _TypeSpec] = MappingProxyType({
                                        "beta1", "beta2", "orth_reg_weight", "total_step"}),
         fixed={**_LORA_FIXED, "use_dora": ((False,), "AdaLoRA does not support DoRA")},
         renamed={"rank_pattern": "rank_masks"}, rank_field="init_r", rank_checked_at_parse=False,
+    ),
+    "LOHA": _TypeSpec(
+        used=frozenset(_LYCORIS_USED), inert=frozenset(_LYCORIS_INERT), fixed={}, renamed={"alpha": "lora_alpha"},
+        rank_field="r", rank_checked_at_parse=True, rank_power=2,
+        rank_note=" (LoHa serves at effective rank r·r = {r}·{r}: the Hadamard product of two rank-{r} products)",
+    ),
+    "LOKR": _TypeSpec(
+        used=frozenset(_LYCORIS_USED | {"decompose_both", "decompose_factor"}),
+        inert=frozenset(_LYCORIS_INERT | {"rank_dropout_scale"}), fixed={}, renamed={"alpha": "lora_alpha"},
+        rank_field="r", rank_checked_at_parse=False,  # rank(W1)·rank(W2) needs the base's shapes
     ),
 })  # fmt: skip
 
@@ -151,7 +192,7 @@ def _str_list(name: str, v: object, *, allow_regex: bool) -> tuple[str, ...] | s
 class AdapterConfig:
     """A validated adapter_config.json. Field names are PEFT's."""
 
-    peft_type: str  # "LORA" | "VERA" | "ADALORA"
+    peft_type: str  # "LORA" | "VERA" | "ADALORA" | "LOHA" | "LOKR"
     target_modules: tuple[str, ...] | str  # module names (suffix match) or one regex (full match)
     exclude_modules: tuple[str, ...] | str | None = None
     layers_to_transform: tuple[int, ...] | int | None = None
@@ -159,8 +200,8 @@ class AdapterConfig:
     bias: str = "none"
     modules_to_save: tuple[str, ...] | None = None
     init_lora_weights: bool | str = True
-    r: int = 8  # LoRA / VeRA rank
-    lora_alpha: float = 8
+    r: int = 8  # LoRA / VeRA / LoHa / LoKr rank
+    lora_alpha: float = 8  # LoHa / LoKr: their "alpha"
     use_rslora: bool = False
     use_dora: bool = False
     rank_pattern: Mapping[str, int] = field(default_factory=dict)  # LoRA: pattern -> r
@@ -170,6 +211,8 @@ class AdapterConfig:
     d_initial: float = 0.1  # VeRA
     init_r: int = 12  # AdaLoRA: rank before pruning (= ranknum)
     target_r: int = 8  # AdaLoRA
+    decompose_both: bool = False  # LoKr: W1 factored too (when r < max(W1's dims) / 2)
+    decompose_factor: int = -1  # LoKr: factorization() of in/out dims (-1: near the square root)
     rank_masks: Mapping[ModuleKey, tuple[bool, ...]] | None = None  # AdaLoRA's saved rank_pattern: kept rows [init_r]
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)  # the JSON as read
     _patterns: PatternMatcher = field(init=False, compare=False, repr=False)  # this config's regexes, bounded
@@ -203,19 +246,16 @@ class AdapterConfig:
         if not isinstance(self.init_lora_weights, (bool, str)):
             raise err(f"init_lora_weights={self.init_lora_weights!r} is not a bool or a string")
         if isinstance(self.init_lora_weights, str) and self.init_lora_weights.lower().startswith(_BASE_MODIFYING_INITS):
-            raise err(
-                f"init_lora_weights={self.init_lora_weights!r}: this initialisation rewrites the base model's "
-                "weights, so the adapter only works on that rewritten base; convert it with PEFT "
-                "(path_initial_model_for_weight_conversion) first"
-            )
-        for name in ("use_rslora", "use_dora", "save_projection"):
+            raise err(_base_modifying_init_message(self.init_lora_weights))
+        for name in ("use_rslora", "use_dora", "save_projection", "decompose_both"):
             if not isinstance(getattr(self, name), bool):
                 raise err(f"{name} must be true or false, not {getattr(self, name)!r}")
         rank = getattr(self, spec.rank_field)
         if not _is_int(rank) or rank < 1:
             raise err(f"{spec.rank_field} must be a positive integer, not {rank!r}")
         if not _is_number(self.lora_alpha):
-            raise err(f"lora_alpha must be a finite number, not {self.lora_alpha!r}")
+            alpha_name = next((k for k, v in spec.renamed.items() if v == "lora_alpha"), "lora_alpha")  # LoHa/LoKr: alpha
+            raise err(f"{alpha_name} must be a finite number, not {self.lora_alpha!r}")
         for pattern, value in self.rank_pattern.items():
             if not _is_int(value) or value < 1:
                 raise err(f"rank_pattern[{pattern!r}] must be a positive integer, not {value!r}")
@@ -231,6 +271,8 @@ class AdapterConfig:
                 self._patterns.compile(pattern, f"{name} key", _PATTERN_KEY_WRAP)
         for pattern in self.layers_pattern or ():
             self._patterns.compile(pattern, "layers_pattern", _LAYERS_WRAP)
+        if not _is_int(self.decompose_factor) or not -(2**31) <= self.decompose_factor < 2**31:
+            raise err(f"decompose_factor must be an integer (-1: automatic), not {self.decompose_factor!r}")
         if not _is_int(self.projection_prng_key) or not -(2**63) <= self.projection_prng_key < 2**64:
             raise err(f"projection_prng_key must be a 64-bit integer, not {self.projection_prng_key!r}")
         for key, mask in (self.rank_masks or {}).items():
@@ -308,7 +350,12 @@ class AdapterConfig:
         spec = SPECS[self.peft_type]
         if not spec.rank_checked_at_parse:
             return None
-        return max([getattr(self, spec.rank_field), *self.rank_pattern.values()])
+        return self.declared_max_r ** spec.rank_power
+
+    @property
+    def declared_max_r(self) -> int:
+        """The largest r (rank field or rank_pattern value) of the config."""
+        return max([getattr(self, SPECS[self.peft_type].rank_field), *self.rank_pattern.values()])
 
 
 def _convert_field(name: str, v: Any) -> Any:
@@ -383,7 +430,9 @@ def parse_adapter_config(raw: Any, *, max_rank: int | None = None) -> AdapterCon
     config = AdapterConfig(**kwargs, raw=dict(raw))
     declared = config.declared_max_rank
     if max_rank is not None and declared is not None and declared > max_rank:
-        raise AdapterError(f"adapter_config.json: rank {declared} is over the server's max rank {max_rank}")
+        note = SPECS[config.peft_type].rank_note.format(r=config.declared_max_r)
+        raise AdapterError(f"adapter_config.json: rank {declared} is over the server's max rank {max_rank}{note}; "
+                           f"raise --max-rank to at least {declared} to serve it")
     return config
 
 

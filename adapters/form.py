@@ -70,7 +70,7 @@ class ModuleDelta:
 class AdapterWeights:
     """A whole adapter in the one form, on the host."""
 
-    adapter_type: str  # "lora" | "dora" | "vera" | "adalora"
+    adapter_type: str  # "lora" | "dora" | "vera" | "adalora" | "loha" | "lokr"
     modules: Mapping[ModuleKey, ModuleDelta]
     config: Mapping = field(default_factory=dict)  # the adapter_config.json it came from
 

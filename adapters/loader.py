@@ -74,10 +74,10 @@ def group_tensors(
                 )
             if layer >= num_layers:
                 raise AdapterError(f"tensor {key!r} is for layer {layer}, but the base model has {num_layers} layers")
-            if suffix not in names.module:
+            if suffix not in names.module | names.optional:
                 raise AdapterError(
                     f"tensor {key!r}: {suffix!r} is not a {peft_type} weight loraplex understands "
-                    f"(a module holds {', '.join(sorted(names.module))})"
+                    f"(a module holds {', '.join(sorted(names.module | names.optional))})"
                 )
             modules.setdefault((layer, name), {})[suffix] = t
         elif s is not None and s.group(1) in names.shared:
@@ -132,17 +132,19 @@ def _open_dir(path: str | os.PathLike, max_rank: int) -> tuple[Path, AdapterConf
 class AdapterSummary:
     """What a directory declares, read without its weights (`summarize_adapter_dir`)."""
 
-    adapter_type: str  # lora | dora | vera | adalora
+    adapter_type: str  # lora | dora | vera | adalora | loha | lokr
     ranks: dict[str, list[int]]  # module name -> declared rank per adapted layer
     target_modules: list[str]
     file_bytes: int  # of adapter_model.safetensors
 
 
-def summarize_adapter_dir(path: str | os.PathLike, num_layers: int, *, max_rank: int, max_bytes: int | None = None) -> AdapterSummary:
+def summarize_adapter_dir(path: str | os.PathLike, num_layers: int, *, max_rank: int, max_bytes: int | None = None,
+                          base: BaseModelView | None = None) -> AdapterSummary:
     """The checks `load_adapter_dir` makes without reading the weights (pickle files, the
     config, target patterns against a `num_layers` base, the weights file's presence and
     size), and what the config declares. Cheap: for registering many adapters at once;
-    the weights are validated when first loaded."""
+    the weights are validated when first loaded. base: its module shapes make the declared
+    ranks of shape-dependent types exact (LoKr; without it, the config's r: lokr.py)."""
     directory, config = _open_dir(path, max_rank)
     weights = directory / WEIGHTS_NAME
     if weights.is_symlink() or not weights.is_file():
@@ -156,9 +158,9 @@ def summarize_adapter_dir(path: str | os.PathLike, num_layers: int, *, max_rank:
         raise AdapterError("the adapter has no target modules: serving it would serve the base model")
     ranks: dict[str, list[int]] = {}
     for key in sorted(targets):
-        r = kind.declared_rank(config, key)
+        r = kind.declared_rank(config, key, None if base is None else base.module_shape(*key))
         if r > max_rank:
-            raise AdapterError(f"{module_label(key)} has rank {r}, over the server's max rank {max_rank}")
+            raise AdapterError(_over_max_rank(key, r, max_rank, kind.type_name(config)))
         ranks.setdefault(key[1], []).append(r)
     names = sorted(ranks, key=TARGET_MODULES.index)
     return AdapterSummary(kind.type_name(config), ranks, names, size)
@@ -194,5 +196,10 @@ def load_adapter_dir(
             raise AdapterError(f"{module_label(key)}: converted A {tuple(d.a.shape)} and B {tuple(d.b.shape)} "
                                f"do not fit the base module (out={out}, in={inn})")  # fmt: skip
         if d.rank > max_rank:
-            raise AdapterError(f"{module_label(key)} has rank {d.rank}, over the server's max rank {max_rank}")
+            raise AdapterError(_over_max_rank(key, d.rank, max_rank, weights.adapter_type, weights.max_rank))
     return weights
+
+
+def _over_max_rank(key: ModuleKey, rank: int, max_rank: int, type_name: str, needed: int | None = None) -> str:
+    return (f"{module_label(key)} has rank {rank}, over the server's max rank {max_rank} (the rank of its {type_name} "
+            f"delta as served, B·A); raise --max-rank to at least {needed or rank} to serve it")

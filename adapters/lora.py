@@ -40,7 +40,7 @@ class LoraType:
     def type_name(self, config: AdapterConfig) -> str:
         return "dora" if config.use_dora else "lora"
 
-    def declared_rank(self, config: AdapterConfig, key) -> int:
+    def declared_rank(self, config: AdapterConfig, key, shape=None) -> int:
         return config.rank_for(peft_module_name(*key))
 
     def convert(

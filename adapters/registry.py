@@ -28,6 +28,8 @@ class TensorNames:
 
     module: frozenset[str]  # per target module: key suffix after the module name, e.g. "lora_A.weight"
     shared: frozenset[str] = frozenset()  # after "base_model.", e.g. "vera_A"
+    optional: frozenset[str] = frozenset()  # per module, allowed but not required: the type's convert checks
+    # them (LoKr: which factors are full depends on the base's shapes; LoHa: CP tensors, refused by name)
 
 
 @dataclass(frozen=True)
@@ -44,12 +46,13 @@ class AdapterType(Protocol):
     def tensor_names(self, config: AdapterConfig) -> TensorNames: ...
 
     def type_name(self, config: AdapterConfig) -> str:
-        """What AdapterWeights.adapter_type will say ("lora", "dora", "vera", "adalora")."""
+        """What AdapterWeights.adapter_type will say ("lora", "dora", "vera", "adalora", "loha", "lokr")."""
         ...
 
-    def declared_rank(self, config: AdapterConfig, key: ModuleKey) -> int:
+    def declared_rank(self, config: AdapterConfig, key: ModuleKey, shape: tuple[int, int] | None = None) -> int:
         """The module's rank as the config declares it, before any weight is read (an upper
-        bound where conversion prunes rows: AdaLoRA's zero singular values)."""
+        bound where conversion prunes rows: AdaLoRA's zero singular values). shape: the base
+        module's (out, in) where the caller knows it (LoKr's rank depends on it)."""
         ...
 
     def convert(
@@ -64,10 +67,12 @@ def adapter_types() -> Mapping[str, AdapterType]:
     """The registry: PEFT type -> AdapterType. Built on first use because the types
     import the helpers below."""
     from .adalora import ADALORA
+    from .loha import LOHA
+    from .lokr import LOKR
     from .lora import LORA
     from .vera import VERA
 
-    return MappingProxyType({t.peft_type: t for t in (LORA, VERA, ADALORA)})
+    return MappingProxyType({t.peft_type: t for t in (LORA, VERA, ADALORA, LOHA, LOKR)})
 
 
 def adapter_type(peft_type: str) -> AdapterType:

@@ -63,7 +63,7 @@ class VeraType:
     def type_name(self, config: AdapterConfig) -> str:
         return "vera"
 
-    def declared_rank(self, config: AdapterConfig, key) -> int:
+    def declared_rank(self, config: AdapterConfig, key, shape=None) -> int:
         return config.r
 
     def convert(

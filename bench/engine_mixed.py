@@ -64,6 +64,7 @@ def run_loraplex(args, adapters_dir: Path, jobs: list[tuple[list[int], str]]) ->
                                              cpu_threads=args.threads))
     engine.start()
     engine.warmup()
+    engine.adapters.wait_validated()  # the root's adapters validated (and staged in the host cache), as PEFT's are loaded
     params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
     t0 = time.perf_counter()
     handles = [engine.submit(GenerationRequest(ids, params, adapter_id=a)) for ids, a in jobs]

@@ -151,7 +151,8 @@ class AdapterManager:
         from loraplex.adapters.loader import summarize_adapter_dir
 
         path = Path(path)
-        s = summarize_adapter_dir(path, self._base.num_layers, max_rank=self._max_rank, max_bytes=self._max_adapter_bytes)
+        s = summarize_adapter_dir(path, self._base.num_layers, max_rank=self._max_rank, max_bytes=self._max_adapter_bytes,
+                                  base=self._base)
         with self._lock:
             if adapter_id in self._entries:
                 raise AdapterExists(f"adapter {adapter_id!r} already exists")

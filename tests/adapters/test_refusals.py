@@ -263,7 +263,7 @@ def test_vera_projection_keys(kit, tmp_path, load):
 @pytest.mark.parametrize(
     "changes, match",
     [
-        ({"peft_type": "IA3"}, "peft_type 'IA3' is not supported \\(supported: LORA, VERA, ADALORA\\)"),
+        ({"peft_type": "IA3"}, "peft_type 'IA3' is not supported \\(supported: LORA, VERA, ADALORA, LOHA, LOKR\\)"),
         ({"peft_type": None}, "peft_type None is not supported"),
         ({"bias": "all"}, "bias='all' is not supported"),
         ({"bias": "lora_only"}, "bias='lora_only' is not supported"),

@@ -12,7 +12,7 @@ from loraplex.server.engine.request import GenerationRequest, SamplingParams
 from loraplex.server.model.llama import score_sequence
 from loraplex.server.engine.adapter_pages import AdapterPages
 from loraplex.server.model.loader import LoadSpec, load_model
-from peft_adapters import KINDS, TINY, save_peft_adapter
+from peft_adapters import ALL_KINDS as KINDS, TINY, save_peft_adapter  # with LoHa and LoKr
 
 LOGITS_TOL = dict(atol=1e-4, rtol=1e-4)
 PROMPTS = ["the cat", "a small bird watches", "our team builds the garden every"]

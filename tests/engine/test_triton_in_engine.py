@@ -14,7 +14,7 @@ from loraplex.server.engine.request import GenerationRequest, SamplingParams
 from loraplex.server.model.llama import score_sequence
 from loraplex.server.engine.adapter_pages import AdapterPages
 from loraplex.server.model.loader import LoadSpec, load_model
-from peft_adapters import KINDS, TINY, save_peft_adapter
+from peft_adapters import ALL_KINDS as KINDS, TINY, save_peft_adapter  # with LoHa and LoKr
 
 PROMPTS = ["the cat", "a small bird watches the", "our team"]
 
@@ -43,7 +43,7 @@ def _mixed_batch_tokens(backend, adapter_dirs):
 
 
 def test_triton_ops_in_the_runner_give_the_torch_tokens(adapter_dirs):
-    # all six requests in one batch: prefill chunks and decode tokens of five adapter types and base rows
+    # all requests in one batch: prefill chunks and decode tokens of every adapter type (LoHa, LoKr too) and base rows
     got = _mixed_batch_tokens("triton", adapter_dirs)
     want = _mixed_batch_tokens("torch", adapter_dirs)
     assert got == want

@@ -145,7 +145,9 @@ def write_png(path: Path | str, title: str, panels: Sequence[tuple[str, dict[str
 
 
 def add_kernel_bench_args(p, name: str, budget: float) -> None:
-    """--budget, --out and --seed, as every kernel bench takes them."""
+    """--smoke, --budget, --out and --seed, as every kernel bench takes them."""
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny shapes on CPU through Triton's interpreter (checks results; timings meaningless)")
     p.add_argument("--budget", type=float, default=budget, help="seconds of timing per measurement (at least 5 calls)")
     p.add_argument("--out", type=Path, default=None, help=f"JSON path (default bench/results/{name}-<UTC time>.json)")
     p.add_argument("--seed", type=int, default=0)

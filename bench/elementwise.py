@@ -130,8 +130,6 @@ def cases(t: int, s: dict, dtype, device, gen):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny shapes on CPU through Triton's interpreter (checks results; timings meaningless)")
     p.add_argument("--t", nargs="+", type=int, default=None, help=f"token counts (default {TS})")
     common.add_kernel_bench_args(p, "elementwise", 0.2)
     return p.parse_args(argv)  # fmt: skip

@@ -313,8 +313,6 @@ VERA_COLUMNS = [
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny shapes on CPU through Triton's interpreter (proves the script; timings meaningless)")
     p.add_argument("--modules", nargs="+", default=None, help=f"subset of {list(MODULES)}")
     p.add_argument("--ranks", nargs="+", default=None, help="subset of 8 16 64 mix (or any integer)")
     p.add_argument("--phases", nargs="+", default=["decode", "prefill", "vera"], choices=["decode", "prefill", "vera"])

@@ -137,8 +137,6 @@ def check_targets(rows) -> list[dict]:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny shapes on CPU through Triton's interpreter (proves the script; timings meaningless)")
     p.add_argument("--shapes", nargs="+", default=None, help=f"subset of {list(SHAPES)} (quote the names)")
     p.add_argument("--m", nargs="+", type=int, default=None, help=f"token counts (default {MS})")
     p.add_argument("--sweep", action="store_true", help="also time candidate tile configs per (shape, M)")

@@ -137,8 +137,6 @@ COLUMNS = [
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny shapes on CPU through Triton's interpreter (proves the script; timings meaningless)")
     common.add_kernel_bench_args(p, "paged_attention", 0.3)
     return p.parse_args(argv)  # fmt: skip
 

@@ -164,3 +164,32 @@ def kernel_bench_device(smoke: bool) -> torch.device | None:
         print("no CUDA device: the full table needs a GPU (try --smoke)", file=sys.stderr)
         return None
     return torch.device("cuda")
+
+
+def write_bandwidth_png(json_path: Path, title: str, rows: Sequence[dict], label_keys: Sequence[str]) -> Path | None:
+    """A horizontal bar per row: its bytes/s as a fraction of the measured copy bandwidth
+    (row["frac"]), labelled by `label_keys`; written beside the JSON. Rows without "frac"
+    (smoke runs time nothing meaningful) are left out; None when there is nothing to draw."""
+    rows = [r for r in rows if r.get("frac") is not None]
+    if not rows:
+        return None
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        print("matplotlib is not installed (pip install -e .[dev]): no PNG written", file=sys.stderr)
+        return None
+    fig = Figure(figsize=(8, 0.8 + 0.22 * len(rows)), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    labels = [" ".join(str(r.get(k, "")) for k in label_keys) for r in rows]
+    ax.barh(range(len(rows)), [100 * r["frac"] for r in rows])
+    ax.set_yticks(range(len(rows)), labels, fontsize="x-small")
+    ax.invert_yaxis()
+    ax.axvline(100, color="gray", linestyle="--", linewidth=1)
+    ax.set_xlabel("% of the measured device copy bandwidth")
+    ax.set_title(title)
+    ax.grid(axis="x", alpha=0.3)
+    path = Path(json_path).with_suffix(".png")
+    fig.savefig(path, dpi=110)
+    return path

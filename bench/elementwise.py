@@ -171,6 +171,8 @@ def main(argv=None) -> int:
                    note="L2 flushed before each timed call; bytes = what ours reads and writes")  # fmt: skip
     path = common.write_json(args.out, "elementwise-smoke" if args.smoke else "elementwise", payload)
     print(f"wrote {path}")
+    if not args.smoke:
+        common.write_bandwidth_png(path, "fused elementwise ops (bf16)", rows, ("op", "t"))
     if bad:
         print(f"MISMATCH against the ref (> {TOL_EPS[dtype]} eps): {bad}", file=sys.stderr)
         return 1

@@ -14,18 +14,20 @@
 #     elementwise kernels (the last two only where their bench files exist)            145 s
 #   4 the end-to-end engine bench (bench/engine_e2e.py)                                170 s
 # Writes to $OUT (default bench/results/gpu) at most 8 files: gpu_check.log (every step's
-# whole output), summary.txt (step, exit status, seconds) and the benches' JSON and PNG.
+# whole output), summary.txt (step, exit status, seconds), the five benches' JSON, and
+# plots.tar (their PNGs: kernel GB/s against the copy bandwidth, the e2e tokens/s).
 # Without a GPU (no nvidia-smi, or torch sees no CUDA) it exits 3 at once with a message.
 set -uo pipefail
 OUT=${OUT:-bench/results/gpu}
-mkdir -p "$OUT"
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 LOG=$OUT/gpu_check.log
 SUMMARY=$OUT/summary.txt
 : >"$LOG"
 : >"$SUMMARY"
 export PYTHONUNBUFFERED=1
 TMP_STEP=$(mktemp)
-trap 'rm -f "$TMP_STEP"' EXIT
+PLOTS=$(mktemp -d)  # the benches write PNGs beside their JSON: kept here, tarred into $OUT at the end
+trap 'rm -rf "$TMP_STEP" "$PLOTS"' EXIT
 
 fail_no_gpu() {
   echo "gpu_check: no GPU here ($1). Run it on the GPU machine: one device call with carry [\".whl\"]" \
@@ -75,13 +77,16 @@ export PYTHONPATH=$HOME/site
 step tests 170 python3 -P -m pytest -q -m gpu -p no:cacheprovider tests
 
 # 3: short kernel tables
-step lora_kernels 50 python3 bench/lora_kernels.py --phases decode --ranks 16 --budget 0.03 --out "$OUT/lora_kernels.json"
-step nf4_matmul 35 python3 bench/nf4_matmul.py --m 1 16 32 64 256 2048 --budget 0.03 --out "$OUT/nf4_matmul.json"
-optional paged_attention 40 bench/paged_attention.py --budget 0.03 --out "$OUT/paged_attention.json"
-optional elementwise 20 bench/elementwise.py --budget 0.03 --out "$OUT/elementwise.json"
+step lora_kernels 50 python3 bench/lora_kernels.py --phases decode --ranks 16 --budget 0.03 --out "$PLOTS/lora_kernels.json"
+step nf4_matmul 35 python3 bench/nf4_matmul.py --m 1 16 32 64 256 2048 --budget 0.03 --out "$PLOTS/nf4_matmul.json"
+optional paged_attention 40 bench/paged_attention.py --budget 0.03 --out "$PLOTS/paged_attention.json"
+optional elementwise 20 bench/elementwise.py --budget 0.03 --out "$PLOTS/elementwise.json"
 
 # 4: end to end: loraplex (32 / 1 / no adapters) and HF NF4 + PEFT on 8 layers of Llama-3-8B
-step engine_e2e 170 python3 bench/engine_e2e.py --json "$OUT/engine_e2e.json" --png "$OUT/engine_e2e.png"
+step engine_e2e 170 python3 bench/engine_e2e.py --json "$PLOTS/engine_e2e.json" --png "$PLOTS/engine_e2e.png"
+
+cp "$PLOTS"/*.json "$OUT"/ 2>/dev/null
+(cd "$PLOTS" && ls *.png >/dev/null 2>&1 && tar cf "$OUT/plots.tar" *.png) || echo "no plots" | tee -a "$LOG"
 
 echo "== summary (${SECONDS}s in all)"
 cat "$SUMMARY"

@@ -368,6 +368,8 @@ def main(argv=None) -> int:
                         "folded_us / shared_us, forms_max_diff = max |y_shared - y_folded|, one start")  # fmt: skip
     path = common.write_json(args.out, "lora_kernels-smoke" if args.smoke else "lora_kernels", payload)
     print(f"wrote {path}")
+    if not args.smoke:
+        common.write_bandwidth_png(path, "shrink + expand (bytes that must move)", bench.rows, ("module", "rank", "phase", "mix"))
     return 0 if all(c["ok"] for c in checks if not c["timing"]) else 1
 
 

@@ -184,6 +184,8 @@ def main(argv=None) -> int:
                    note="L2 flushed before each timed call; bytes = 4-bit weight with absmax + x + y")  # fmt: skip
     path = common.write_json(args.out, "nf4_matmul-smoke" if args.smoke else "nf4_matmul", payload)
     print(f"wrote {path}")
+    if not args.smoke:
+        common.write_bandwidth_png(path, "NF4 matmul (ours)", rows, ("shape", "m"))
     return 0
 
 

@@ -177,6 +177,8 @@ def main(argv=None) -> int:
                         "forced to one context split; max_err vs the torch path")  # fmt: skip
     path = common.write_json(args.out, "paged_attention-smoke" if args.smoke else "paged_attention", payload)
     print(f"wrote {path}")
+    if not args.smoke:
+        common.write_bandwidth_png(path, "paged attention (K/V bytes read)", bench.rows, ("phase", "label", "seqs", "ctx"))
     return 1 if bad else 0
 
 

@@ -14,7 +14,7 @@ client certificates, `tls_cert` + `tls_key`.
 
 Errors are grpc.RpcError; `.code()` is the gRPC status (NOT_FOUND for an unknown
 adapter, RESOURCE_EXHAUSTED when the server's queue is full, ...). This module imports
-only grpc, the generated stubs and loraplex.server.tls (grpc only) — no torch.
+only grpc, the generated stubs and loraplex.server.grpc.tls (grpc only) — no torch.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Iterator, Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from loraplex.server.tls import channel_credentials
+from loraplex.server.grpc.tls import channel_credentials
 from loraplex.v1 import admin_pb2, admin_pb2_grpc, generate_pb2, generate_pb2_grpc
 
 DEFAULT_CHUNK_SIZE = 1 << 20  # well under gRPC's default 4 MiB message limit

@@ -1,18 +1,25 @@
-"""The loraplex server: one engine behind gRPC (Generation, AdapterAdmin, grpc.health.v1,
-server reflection) and a Prometheus HTTP endpoint.
+"""The loraplex server: one engine and one service layer (service.py) behind gRPC
+(Generation, AdapterAdmin, grpc.health.v1, server reflection; server/grpc/), the
+OpenAI-compatible HTTP API (server/http/, with http_port set) and a Prometheus HTTP
+endpoint.
 
     server = LoraplexServer(ServeConfig(engine=EngineConfig(...), port=0, metrics_port=0))
     server.start()      # loads the model, serves; health NOT_SERVING
     server.warm_up()    # one tiny generation; health SERVING
     ...
-    server.stop(grace_s)  # health NOT_SERVING, refuse new requests (UNAVAILABLE), let
+    server.stop(grace_s)  # health NOT_SERVING, refuse new requests (UNAVAILABLE / 503), let
                           # running ones finish within grace_s, cancel the rest, close
 
+The HTTP API runs in a thread of this process (uvicorn), on the same engine; it is
+imported only when http_port is set, so nothing on the engine's path needs FastAPI.
+
 Access: admin RPCs need the admin token (auth.py); with api_tokens set, generation
-needs one of them (or the admin token); health and reflection stay open. With tls_cert
-and tls_key the port speaks only TLS (tls.py); tls_client_ca also requires client
-certificates signed by that CA. A request message that does not parse is
-INVALID_ARGUMENT (status.py), one over max_receive_message_bytes RESOURCE_EXHAUSTED.
+needs one of them (or the admin token); health and reflection stay open; the HTTP API
+applies the same rules (service.Access). With tls_cert and tls_key the gRPC and HTTP
+ports speak only TLS (grpc/tls.py); tls_client_ca also requires client certificates
+signed by that CA. A request message that does not parse is
+INVALID_ARGUMENT (grpc/status.py), one over max_receive_message_bytes RESOURCE_EXHAUSTED
+(an HTTP body over it: 413).
 
 Signals are the CLI's business (cli.py), not this module's. No argparse here.
 """
@@ -32,12 +39,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from loraplex.server import tls
-from loraplex.server.admin_servicer import AdapterAdminServicer
-from loraplex.server.auth import AdminAuthInterceptor, ClientAuthInterceptor
-from loraplex.server.metrics import ServerMetrics, StatusInterceptor
-from loraplex.server.servicer import GenerationServicer
-from loraplex.server.status import UndecodableRequestInterceptor
+from loraplex.server.grpc import tls
+from loraplex.server.grpc.admin import AdapterAdminServicer
+from loraplex.server.grpc.auth import AdminAuthInterceptor, ClientAuthInterceptor
+from loraplex.server.grpc.generation import GenerationServicer
+from loraplex.server.grpc.status import StatusInterceptor, UndecodableRequestInterceptor
+from loraplex.server.metrics import ServerMetrics
+from loraplex.server.service import Access, Service
 from loraplex.v1 import admin_pb2, admin_pb2_grpc, generate_pb2, generate_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -78,6 +86,8 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 50051  # 0 = any free port (see LoraplexServer.port)
     metrics_port: int | None = 9090  # None = no metrics endpoint; 0 = any free port
+    http_port: int | None = None  # OpenAI-compatible HTTP API; None = off (the CLI's default: 8000); 0 = any free port
+    served_model_name: str | None = None  # the base model's id over HTTP; None = the model directory's name
     admin_token: str | None = None  # None = admin API refused, unless insecure_admin
     insecure_admin: bool = False  # admin API without a token; loopback hosts only
     api_tokens: tuple[str, ...] = ()  # () = generation open to all; else one of these (or admin_token)
@@ -95,7 +105,7 @@ class ServeConfig:
         for name in ("tls_cert", "tls_key", "tls_client_ca"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, Path(getattr(self, name)))
-        for name in ("port", "metrics_port"):
+        for name in ("port", "metrics_port", "http_port"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 65535:
                 raise ValueError(f"{name} must be in [0, 65535], got {value}")
@@ -163,7 +173,9 @@ class LoraplexServer:
         self.metrics: ServerMetrics | None = None
         self._grpc: grpc.Server | None = None
         self._health: health.HealthServicer | None = None
-        self._http = None
+        self._metrics_http = None
+        self._openai = None  # server/http/server.py HttpServer, when http_port is set
+        self.service: Service | None = None
         self._port: int | None = None
         self._stopped = threading.Event()
         self._stop_lock = threading.Lock()
@@ -187,6 +199,8 @@ class LoraplexServer:
         for leftover in store.remove_leftovers():
             log.info("removed %s left in the adapter root by an interrupted upload", leftover)
         self.metrics = ServerMetrics(engine, max_adapter_series=self.config.metrics_max_adapters)
+        self.service = Service(engine, store, self.metrics, served_model_name=self.config.served_model_name)
+        access = Access(self.config.admin_token, self.config.api_tokens, self.config.insecure_admin)
 
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.config.workers, thread_name_prefix="grpc"),
@@ -199,8 +213,8 @@ class LoraplexServer:
             options=[("grpc.max_receive_message_length", self.config.max_receive_message_bytes)],
             maximum_concurrent_rpcs=self.config.workers,
         )
-        generate_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(engine, self.metrics), self._grpc)
-        admin_pb2_grpc.add_AdapterAdminServicer_to_server(AdapterAdminServicer(engine, store, self.metrics), self._grpc)
+        generate_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(self.service), self._grpc)
+        admin_pb2_grpc.add_AdapterAdminServicer_to_server(AdapterAdminServicer(self.service), self._grpc)
         self._health = health.HealthServicer(
             experimental_non_blocking=True,
             experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"),
@@ -217,13 +231,20 @@ class LoraplexServer:
             self._port = self._grpc.add_secure_port(address, credentials)
         if self._port == 0:
             raise RuntimeError(f"could not bind gRPC to {address}")
+        if self.config.http_port is not None:  # bound before gRPC starts: a taken port fails the start
+            from loraplex.server.http.server import HttpServer
+
+            self._openai = HttpServer(self.service, access, self.metrics, self.config)
         self._grpc.start()
+        if self._openai is not None:
+            self._openai.start()
         if self.config.metrics_port is not None:
             from prometheus_client import start_http_server
 
-            self._http, _ = start_http_server(self.config.metrics_port, addr=self.config.host, registry=self.metrics.registry)
-        log.info("listening on %s (%s; metrics port: %s); health NOT_SERVING until warm-up", self.target,
-                 ("mutual TLS" if self.config.tls_client_ca else "TLS") if self.config.tls else "plaintext", self.metrics_port)  # fmt: skip
+            self._metrics_http, _ = start_http_server(self.config.metrics_port, addr=self.config.host, registry=self.metrics.registry)
+        log.info("listening on %s (%s; HTTP API port: %s; metrics port: %s); health NOT_SERVING until warm-up", self.target,
+                 ("mutual TLS" if self.config.tls_client_ca else "TLS") if self.config.tls else "plaintext", self.http_port,
+                 self.metrics_port)  # fmt: skip
         return self
 
     def warm_up(self) -> None:
@@ -233,7 +254,8 @@ class LoraplexServer:
             self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
     def drain(self) -> None:
-        """Health NOT_SERVING; new generation requests are refused with UNAVAILABLE."""
+        """Health NOT_SERVING (HTTP /health 503); new generation requests are refused with
+        UNAVAILABLE (HTTP 503)."""
         if self._engine is not None:  # first: once health says NOT_SERVING, requests are refused
             self._engine.drain()
         if self._health is not None:
@@ -251,9 +273,11 @@ class LoraplexServer:
             if self._grpc is not None:
                 # Requests are finished or cancelled by now; this lets their last messages out.
                 self._grpc.stop(min(grace, 5.0)).wait()
-            if self._http is not None:
-                self._http.shutdown()
-                self._http.server_close()
+            if self._openai is not None:  # likewise: its streams have ended or are ending
+                self._openai.stop(min(grace, 5.0))
+            if self._metrics_http is not None:
+                self._metrics_http.shutdown()
+                self._metrics_http.server_close()
             self._stopped.set()
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -284,7 +308,19 @@ class LoraplexServer:
 
     @property
     def metrics_port(self) -> int | None:
-        return None if self._http is None else self._http.server_port
+        return None if self._metrics_http is None else self._metrics_http.server_port
+
+    @property
+    def http_port(self) -> int | None:
+        """The bound port of the OpenAI-compatible HTTP API (None: off)."""
+        return None if self._openai is None else self._openai.port
+
+    @property
+    def http_url(self) -> str | None:
+        if self._openai is None:
+            return None
+        scheme = "https" if self.config.tls else "http"
+        return f"{scheme}://{_host_port(self.config.host, self._openai.port)}"
 
     def _set_health(self, status) -> None:
         for service in ("", GENERATION_SERVICE, ADMIN_SERVICE):

@@ -77,12 +77,15 @@ def default_adapter_root() -> Path:
 def _add_serve(sub) -> None:
     p = sub.add_parser(
         "serve",
-        help="run the gRPC server",
+        help="run the server (gRPC and the OpenAI-compatible HTTP API)",
         description=f"""\
 Serve one base model and the adapters under the adapter root over gRPC
 (loraplex.v1.Generation, loraplex.v1.AdapterAdmin, grpc.health.v1, server
-reflection) with Prometheus metrics over HTTP. With no arguments: the bundled
-tiny model and its demo adapters, on 127.0.0.1:50051 (metrics :9090).
+reflection) and over an OpenAI-compatible HTTP API (/v1/completions,
+/v1/chat/completions, /v1/models; `model` = an adapter id, <base>:<adapter> or
+the base), with Prometheus metrics over HTTP. With no arguments: the bundled
+tiny model and its demo adapters, on 127.0.0.1:50051 (HTTP API :8000, metrics
+:9090). Both front ends share the engine, the limits, the tokens and TLS.
 
 Adapters found under the adapter root are registered on start; uploads are
 stored there and so survive a restart.
@@ -98,12 +101,17 @@ are set (--api-token, repeatable, or ${ENV_API_TOKENS}, comma-separated): then
 it needs one of them or the admin token (else UNAUTHENTICATED), and an API token
 calling an admin RPC gets PERMISSION_DENIED. Health and reflection stay open.
 
-TLS: --tls-cert and --tls-key make the gRPC port TLS-only; --tls-client-ca also
-requires client certificates signed by that CA (mutual TLS). Tokens travel in
-metadata: without TLS, keep --host on loopback. The metrics port stays plain HTTP.
+Over HTTP the same tokens go in the header 'Authorization: Bearer <token>'
+(missing or wrong API token: 401; a token that may not call the admin API: 403);
+POST /v1/load_lora_adapter and /v1/unload_lora_adapter need the admin token.
 
-SIGTERM or SIGINT drains: health turns NOT_SERVING, new requests get
-UNAVAILABLE, running ones finish within --shutdown-grace seconds (the rest are
+TLS: --tls-cert and --tls-key make the gRPC and HTTP API ports TLS-only;
+--tls-client-ca also requires client certificates signed by that CA (mutual
+TLS). Tokens travel in metadata and headers: without TLS, keep --host on
+loopback. The metrics port stays plain HTTP.
+
+SIGTERM or SIGINT drains: health turns NOT_SERVING (HTTP /health: 503), new
+requests get UNAVAILABLE (HTTP 503), running ones finish within --shutdown-grace seconds (the rest are
 cancelled), and the process exits 0. A second signal exits at once (status 1).""",
         formatter_class=_HelpFormatter,
     )
@@ -111,8 +119,11 @@ cancelled), and the process exits 0. A second signal exits at once (status 1).""
     p.add_argument("--adapter-root", type=Path, default=None,
                    help=f"directory of PEFT adapter directories; uploads are stored here (default: ${ENV_ADAPTER_ROOT} or {default_adapter_root()})")
     p.add_argument("--no-demo-adapters", action="store_true", help="do not copy the bundled demo adapters into the adapter root")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (gRPC and metrics); 0.0.0.0 or :: for all interfaces")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (gRPC, HTTP API and metrics); 0.0.0.0 or :: for all interfaces")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0 = any free port, printed on start)")
+    p.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible HTTP API port (0 = any free port)")
+    p.add_argument("--no-http", action="store_true", help="do not serve the HTTP API")
+    p.add_argument("--served-model-name", default=None, help="the base model's id over HTTP (default: the model directory's name)")
     p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics HTTP port (0 = any free port)")
     p.add_argument("--no-metrics", action="store_true", help="do not serve metrics over HTTP")
     p.add_argument("--metrics-max-adapters", type=int, default=100,
@@ -188,6 +199,8 @@ def serve_config_from_args(args):
         host=args.host,
         port=args.port,
         metrics_port=None if args.no_metrics else args.metrics_port,
+        http_port=None if args.no_http else args.http_port,
+        served_model_name=args.served_model_name,
         admin_token=args.admin_token or os.environ.get(ENV_ADMIN_TOKEN) or None,
         insecure_admin=args.insecure_admin,
         api_tokens=tuple(args.api_token) or api_tokens_from_env(),
@@ -207,7 +220,7 @@ def _serve(args) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("loraplex")
     from loraplex.server.app import LoraplexServer, is_loopback, seed_bundled_adapters
-    from loraplex.server.tls import server_credentials
+    from loraplex.server.grpc.tls import server_credentials
 
     try:
         config = serve_config_from_args(args)
@@ -243,9 +256,10 @@ def _serve(args) -> int:
     server = LoraplexServer(config)
     server.start()
     metrics = f"http://{config.host}:{server.metrics_port}/metrics" if server.metrics_port else "off"
-    print(f"loraplex listening on {server.target} (metrics: {metrics}); warming up", flush=True)
+    http = f"{server.http_url}/v1" if server.http_url else "off"
+    print(f"loraplex listening on {server.target} (HTTP API: {http}; metrics: {metrics}); warming up", flush=True)
     server.warm_up()
-    print(f"loraplex serving on {server.target}", flush=True)
+    print(f"loraplex serving on {server.target} (HTTP API: {http})", flush=True)
     while not stop.wait(0.2):
         pass
     log.info("draining (grace %.1fs)", config.shutdown_grace_s)
@@ -418,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 — client errors become one line and a status
         import grpc
 
-        from loraplex.server.tls import TlsError
+        from loraplex.server.grpc.tls import TlsError
 
         if isinstance(e, grpc.RpcError):
             print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)

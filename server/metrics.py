@@ -3,8 +3,10 @@
 share series.
 
 Two sources:
-- observed by the servicers: requests by method and status code, prompt and generated
-  tokens, time to first token, inter-token latency, requests per adapter;
+- observed by the front ends: requests by front end ("grpc", "http"), method and status
+  code (gRPC's code name, HTTP's status number); and, through the service (service.py)
+  the same for both front ends, prompt and generated tokens, time to first token and
+  inter-token latency (from the engine's event times), requests per adapter;
 - read from `engine.stats()` at scrape time by `EngineCollector`: queue depth, running
   batch size, KV blocks used/free, adapters known/resident, and the engine's cumulative
   counters (adapter loads, evictions, load failures, steps).
@@ -15,21 +17,17 @@ adapter manager knows ("_base" for none, "_unknown" for everything else), at mos
 and the rest are summed under "_other", and an adapter's series is dropped when it is
 unloaded.
 
-`StatusInterceptor` reports every RPC of the given services by method and final code.
+gRPC's StatusInterceptor (server/grpc/status.py) and HTTP's request counter
+(server/http/app.py) call `count_request`. Nothing here imports grpc or FastAPI.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Callable
-
-import grpc
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-
-from loraplex.server.auth import rewrap_handler, service_of
 
 # Tiny models on CPU produce tokens in ~1 ms; large ones on a busy GPU in ~100 ms.
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -88,7 +86,7 @@ class ServerMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "loraplex_requests", "RPCs by method and final status code", ["method", "code"], registry=r
+            "loraplex_requests", "Requests by front end, method and final status code", ["frontend", "method", "code"], registry=r
         )
         self.prompt_tokens = Counter("loraplex_prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.generated_tokens = Counter("loraplex_generated_tokens", "Tokens generated", registry=r)
@@ -109,8 +107,8 @@ class ServerMetrics:
         if engine is not None:
             r.register(EngineCollector(engine))
 
-    def count_request(self, method: str, code: str) -> None:
-        self.requests.labels(method=method, code=code).inc()
+    def count_request(self, method: str, code: str, frontend: str = "grpc") -> None:
+        self.requests.labels(frontend=frontend, method=method, code=code).inc()
 
     def count_adapter_request(self, adapter_id: str | None, known: bool) -> None:
         self.adapter_requests.count(BASE_LABEL if not adapter_id else (adapter_id if known else UNKNOWN_LABEL))
@@ -164,56 +162,3 @@ class AdapterRequests(Collector):
         if rest:
             family.add_metric([OTHER_LABEL], rest)
         yield family
-
-
-class StatusInterceptor(grpc.ServerInterceptor):
-    """Calls record(method_name, code_name) once per RPC when it ends."""
-
-    def __init__(self, services: set[str], record: Callable[[str, str], None]):
-        self._services = frozenset(services)
-        self._record = record
-
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or service_of(method) not in self._services:
-            return handler
-        name = method.rsplit("/", 1)[-1]
-        record = self._record
-
-        def final_code(context, failed: bool) -> str:
-            code = context.code()
-            if code is not None:
-                return code.name
-            if not context.is_active():
-                remaining = context.time_remaining()
-                if remaining is not None and remaining <= 0:
-                    return "DEADLINE_EXCEEDED"
-                return "CANCELLED"
-            return "UNKNOWN" if failed else "OK"
-
-        def wrap(behavior, streaming_response):
-            if streaming_response:
-
-                def stream_behavior(request_or_iterator, context):
-                    failed = True
-                    try:
-                        yield from behavior(request_or_iterator, context)
-                        failed = False
-                    finally:
-                        record(name, final_code(context, failed))
-
-                return stream_behavior
-
-            def unary_behavior(request_or_iterator, context):
-                failed = True
-                try:
-                    response = behavior(request_or_iterator, context)
-                    failed = False
-                    return response
-                finally:
-                    record(name, final_code(context, failed))
-
-            return unary_behavior
-
-        return rewrap_handler(handler, wrap)

@@ -180,7 +180,7 @@ def test_serve_flags_and_environment(tmp_path, monkeypatch, pki, capsys):
     assert cli.main(plain + ["--port", "0", *missing]) == 2  # before the model loads
     assert "missing.pem" in capsys.readouterr().err
 
-    from loraplex.server.tls import TlsError, channel_credentials, server_credentials
+    from loraplex.server.grpc.tls import TlsError, channel_credentials, server_credentials
 
     with pytest.raises(TlsError, match="cannot be read"):
         server_credentials(tmp_path / "missing.pem", pki["server_key"])

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from loraplex.server.status import MAX_DETAILS_BYTES
+from loraplex.server.grpc.status import MAX_DETAILS_BYTES
 from loraplex.v1 import admin_pb2, generate_pb2
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True, database=None,

@@ -59,8 +59,8 @@ def test_unknown_adapter_ids_create_no_series(hardened, kit):
     after = hardened.scrape()
     new = set(after) - set(before)
     allowed = {  # at most these may be new (if no test counted them before)
-        ("loraplex_requests", (("code", "NOT_FOUND"), ("method", "Generate"))),
-        ("loraplex_requests", (("code", "INVALID_ARGUMENT"), ("method", "Generate"))),
+        ("loraplex_requests", (("code", "NOT_FOUND"), ("frontend", "grpc"), ("method", "Generate"))),
+        ("loraplex_requests", (("code", "INVALID_ARGUMENT"), ("frontend", "grpc"), ("method", "Generate"))),
         ("loraplex_adapter_requests", (("adapter", "_unknown"),)),
     }
     new_series = {(name.removesuffix("_created").removesuffix("_total"), labels) for name, labels in new}

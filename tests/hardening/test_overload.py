@@ -91,7 +91,7 @@ def test_full_queue_refuses_at_once_and_the_gauge_shows_the_cap(served, client):
         assert after[("loraplex_queue_depth", ())] == MAX_QUEUE == after[("loraplex_queue_capacity", ())]
         assert after[("loraplex_running_requests", ())] == MAX_RUNNING
         for method in ("Generate", "GenerateStream"):
-            key = ("loraplex_requests_total", (("code", "RESOURCE_EXHAUSTED"), ("method", method)))
+            key = ("loraplex_requests_total", (("code", "RESOURCE_EXHAUSTED"), ("frontend", "grpc"), ("method", method)))
             assert after[key] - before.get(key, 0.0) == 5
         s = served.engine.stats()
         assert (s.queue_depth, s.running) == (MAX_QUEUE, MAX_RUNNING), "refused requests must leave no trace"

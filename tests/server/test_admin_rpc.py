@@ -178,7 +178,7 @@ def test_admin_token_is_required(running, make_lora):
 
 
 def test_admin_disabled_without_a_configured_token():
-    from loraplex.server.auth import AdminAuthInterceptor
+    from loraplex.server.grpc.auth import AdminAuthInterceptor
 
     assert AdminAuthInterceptor({"s"}, None).check([("authorization", "Bearer x")])[0] == grpc.StatusCode.PERMISSION_DENIED
     assert AdminAuthInterceptor({"s"}, None, insecure=True).check([]) is None

@@ -50,9 +50,9 @@ def test_metrics_move(running, client):
         key = (name, tuple(sorted(labels.items())))
         return after.get(key, 0.0) - before.get(key, 0.0)
 
-    assert delta("loraplex_requests_total", method="Generate", code="OK") == 1
-    assert delta("loraplex_requests_total", method="GenerateStream", code="OK") == 1
-    assert delta("loraplex_requests_total", method="Generate", code="NOT_FOUND") == 1
+    assert delta("loraplex_requests_total", frontend="grpc", method="Generate", code="OK") == 1
+    assert delta("loraplex_requests_total", frontend="grpc", method="GenerateStream", code="OK") == 1
+    assert delta("loraplex_requests_total", frontend="grpc", method="Generate", code="NOT_FOUND") == 1
     assert delta("loraplex_generated_tokens_total") == 10
     assert delta("loraplex_prompt_tokens_total") > 0
     assert delta("loraplex_time_to_first_token_seconds_count") == 2
@@ -83,7 +83,7 @@ def test_admin_calls_are_counted(running, admin, client):
         except grpc.RpcError:
             pass
     after = scrape(running)
-    key = lambda code: ("loraplex_requests_total", (("code", code), ("method", "ListAdapters")))  # noqa: E731
+    key = lambda code: ("loraplex_requests_total", (("code", code), ("frontend", "grpc"), ("method", "ListAdapters")))  # noqa: E731
     assert after[key("OK")] - before.get(key("OK"), 0) == 1
     assert after[key("UNAUTHENTICATED")] - before.get(key("UNAUTHENTICATED"), 0) == 1
 

@@ -28,7 +28,7 @@ class ServeProcess:
         cmd = [sys.executable, "-m", "loraplex.server.cli", "serve", "--port", "0", "--metrics-port", "0",
                "--adapter-root", str(root), "--no-demo-adapters", "--max-running", "2", "--max-queue", "4",
                "--kv-cache-tokens", "2048", "--max-batch-tokens", "256", "--adapter-slots", "2", "--max-rank", "8",
-               "--shutdown-grace", "30"]  # fmt: skip
+               "--shutdown-grace", "30", "--http-port", "0"]  # fmt: skip
         # cwd outside the repository: `python -m` puts the cwd on sys.path
         self.proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=self.log.open("w"), text=True)
         self.target = None

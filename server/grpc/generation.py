@@ -1,24 +1,23 @@
-"""loraplex.v1.Generation: protobuf in, engine.submit, protobuf out.
+"""loraplex.v1.Generation: protobuf in, service.submit, protobuf out.
 
-Each RPC converts its request (convert.py: bad arguments fail here, before the queue),
-submits it, and relays the handle's events. The RPC's end — completion, client
-cancellation, deadline — cancels the handle, so the engine frees the request's KV
-blocks; the client's deadline also travels with the request to the engine. Failures
-map to status codes in status.py. The servicer observes the latency metrics because
-only it sees both the arrival and the tokens.
+Each RPC converts its request (convert.py; the request types validate themselves, so bad
+arguments fail here, before the queue), submits it through the service (service.py),
+and relays the handle's events. The RPC's end — completion, client cancellation,
+deadline — cancels the handle, so the engine frees the request's KV blocks; the client's
+deadline also travels with the request to the engine. Failures map to status codes in
+status.py. Latency metrics come from the service's observer, as for every front end.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Callable
 
 import grpc
 
-from loraplex.server import convert
 from loraplex.server.engine.request import FinishEvent, RequestHandle, TokenEvent
-from loraplex.server.metrics import ServerMetrics
-from loraplex.server.status import abort_for, status_for_finish
+from loraplex.server.grpc import convert
+from loraplex.server.grpc.status import abort_for, status_for_finish
+from loraplex.server.service import Service
 from loraplex.v1 import generate_pb2_grpc
 
 
@@ -29,10 +28,8 @@ def client_deadline(context: grpc.ServicerContext) -> float | None:
 
 
 class GenerationServicer(generate_pb2_grpc.GenerationServicer):
-    def __init__(self, engine, metrics: ServerMetrics, is_ready: Callable[[], bool] | None = None):
-        self._engine = engine
-        self._metrics = metrics
-        self._is_ready = is_ready or (lambda: bool(engine.ready))
+    def __init__(self, service: Service):
+        self._service = service
 
     def Generate(self, request, context):
         handle = self._submit(request, context)
@@ -66,13 +63,10 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
 
     # ------------------------------------------------------------------------------------
     def _submit(self, request, context) -> RequestHandle:
-        if not self._is_ready():
-            context.abort(grpc.StatusCode.UNAVAILABLE, "the server is not ready: starting, warming up or shutting down")
         try:
-            gen_request = convert.generation_request_from_pb(request, self._engine.tokenizer, client_deadline(context))
-            adapter_id = gen_request.adapter_id
-            self._metrics.count_adapter_request(adapter_id, bool(adapter_id) and adapter_id in self._engine.adapters)
-            handle = self._engine.submit(gen_request)
+            self._service.check_ready()
+            gen_request = convert.generation_request_from_pb(request, self._service, client_deadline(context))
+            handle = self._service.submit(gen_request)
         except Exception as e:  # noqa: BLE001 — status.py decides; unknown errors re-raise
             abort_for(context, e)
         if not context.add_callback(handle.cancel):  # the RPC already ended
@@ -80,17 +74,10 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
         return handle
 
     def _observed(self, handle: RequestHandle, context):
-        """The handle's events, observing TTFT, inter-token latency and token counts."""
-        last = None
+        """The handle's events, seen by the service's observer (latency, token counts)."""
+        observer = self._service.observer(handle)
         for event in _while_active(handle, context):
-            if isinstance(event, FinishEvent):
-                self._metrics.observe_finish(event.prompt_tokens, event.generated_tokens)
-            elif event.token_ids:  # not the text-only flush before the finish
-                if last is None:
-                    self._metrics.ttft.observe(max(event.time - handle.request.arrival, 0.0))
-                else:
-                    self._metrics.itl.observe(max(event.time - last, 0.0))
-                last = event.time
+            observer.see(event)
             yield event
 
 

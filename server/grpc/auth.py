@@ -13,17 +13,20 @@ nothing else (health and reflection stay open).
 - one of the API tokens, or the admin token: allowed;
 - no token, or a token that is neither: UNAUTHENTICATED.
 
-Tokens are compared in constant time, each against every configured token. Rejected
-calls are refused before the handler runs: an upload's chunks are never read.
+The rules themselves are the service's (service.Access), shared with the HTTP front end;
+this module maps them to status codes. Tokens are compared in constant time, each
+against every configured token. Rejected calls are refused before the handler runs: an
+upload's chunks are never read.
 """
 
 from __future__ import annotations
 
 import abc
-import hmac
 from typing import Callable
 
 import grpc
+
+from loraplex.server import service
 
 _KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
 
@@ -54,21 +57,17 @@ def bearer_token(metadata) -> str | None:
     """The token of `authorization: Bearer <token>` metadata, else None."""
     for key, value in metadata or ():
         if key.lower() == "authorization":
-            if isinstance(value, bytes):
-                value = value.decode("latin-1")
-            scheme, _, token = value.strip().partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
+            token = service.bearer_token(value)
+            if token is not None:
+                return token
     return None
 
 
-def _matches_any(presented: str, tokens: tuple[bytes, ...]) -> bool:
-    """Constant time in which token matches: every one is compared."""
-    candidate = presented.encode("utf-8", "surrogatepass")
-    found = False
-    for token in tokens:
-        found |= hmac.compare_digest(candidate, token)
-    return found
+_CODES = {service.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED, service.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED}
+
+
+def _status(refusal: service.Refusal | None) -> tuple[grpc.StatusCode, str] | None:
+    return None if refusal is None else (_CODES[refusal.kind], refusal.message)
 
 
 class _GuardInterceptor(grpc.ServerInterceptor):
@@ -100,49 +99,24 @@ class _GuardInterceptor(grpc.ServerInterceptor):
 
 class AdminAuthInterceptor(_GuardInterceptor):
     def __init__(self, services: set[str], token: str | None, insecure: bool = False):
-        if token is not None and not token:
-            raise ValueError("admin token must not be empty")
         super().__init__(services)
-        self._token = token.encode() if token else None
-        self._insecure = insecure
+        self._access = service.Access(admin_token=token, insecure_admin=insecure)
 
     def check(self, metadata) -> tuple[grpc.StatusCode, str] | None:
         """None if the caller may proceed, else the status to refuse with."""
-        if self._token is None:
-            if self._insecure:
-                return None
-            return (
-                grpc.StatusCode.PERMISSION_DENIED,
-                "admin API disabled: start the server with --admin-token or LORAPLEX_ADMIN_TOKEN",
-            )
-        presented = bearer_token(metadata)
-        if presented is None:
-            return grpc.StatusCode.UNAUTHENTICATED, "admin token required: metadata 'authorization: Bearer <token>'"
-        if not _matches_any(presented, (self._token,)):
-            return grpc.StatusCode.PERMISSION_DENIED, "this token may not call the admin API"
-        return None
+        return _status(self._access.admin_refusal(bearer_token(metadata)))
 
 
 class ClientAuthInterceptor(_GuardInterceptor):
     """Generation calls need an API token or the admin token, once API tokens are set."""
 
     def __init__(self, services: set[str], api_tokens, admin_token: str | None = None):
-        if any(not t for t in api_tokens) or (admin_token is not None and not admin_token):
-            raise ValueError("tokens must not be empty")
         super().__init__(services)
-        accepted = set(api_tokens) | ({admin_token} if api_tokens and admin_token else set())
-        self._tokens = tuple(sorted(t.encode() for t in accepted))
+        self._access = service.Access(admin_token=admin_token, api_tokens=api_tokens)
 
     @property
     def enabled(self) -> bool:
-        return bool(self._tokens)
+        return self._access.clients_need_token
 
     def check(self, metadata) -> tuple[grpc.StatusCode, str] | None:
-        if not self._tokens:
-            return None
-        presented = bearer_token(metadata)
-        if presented is None:
-            return grpc.StatusCode.UNAUTHENTICATED, "API token required: metadata 'authorization: Bearer <token>'"
-        if not _matches_any(presented, self._tokens):
-            return grpc.StatusCode.UNAUTHENTICATED, "invalid API token"
-        return None
+        return _status(self._access.client_refusal(bearer_token(metadata)))

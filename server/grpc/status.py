@@ -1,9 +1,10 @@
-"""One place that maps engine and adapter exceptions to gRPC status codes.
+"""One place that maps engine, service and adapter exceptions to gRPC status codes.
 
     code, message = status_for(exc)      # None for an exception we do not know
     abort_for(context, exc)              # aborts the RPC (raises) or re-raises exc
     status_for_finish(event)             # None when a finished request is a success
     UndecodableRequestInterceptor(...)   # bytes that are no valid request: INVALID_ARGUMENT
+    StatusInterceptor(...)               # reports each RPC's method and final code (metrics)
 
 The servicers catch `Exception`, hand it here, and never pick a code themselves.
 Unknown exceptions are re-raised so that gRPC reports them as UNKNOWN and they are
@@ -15,11 +16,14 @@ client sees RESOURCE_EXHAUSTED "Stream removed" instead of the status we sent).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import grpc
 
-from loraplex.server.auth import rewrap_handler, service_of
+from loraplex.server import service
 from loraplex.server.engine import errors as engine_errors
 from loraplex.server.engine.request import FINISH_ADAPTER_GONE, FINISH_CANCELLED, FINISH_DEADLINE, FINISH_ERROR, FinishEvent
+from loraplex.server.grpc.auth import rewrap_handler, service_of
 
 # Most specific first: UnknownAdapter is a KeyError, InvalidRequest a ValueError.
 _ENGINE_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
@@ -27,6 +31,8 @@ _ENGINE_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (engine_errors.UnknownAdapter, grpc.StatusCode.NOT_FOUND),
     (engine_errors.QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (engine_errors.EngineDraining, grpc.StatusCode.UNAVAILABLE),
+    (service.NotReady, grpc.StatusCode.UNAVAILABLE),
+    (service.NotStoredByUpload, grpc.StatusCode.FAILED_PRECONDITION),
 )
 
 
@@ -157,3 +163,56 @@ class UndecodableRequestInterceptor(grpc.ServerInterceptor):
             return checked
 
         return rewrap_handler(handler, wrap, request_deserializer=_tolerant(handler.request_deserializer))
+
+
+class StatusInterceptor(grpc.ServerInterceptor):
+    """Calls record(method_name, code_name) once per RPC when it ends (ServerMetrics.count_request)."""
+
+    def __init__(self, services: set[str], record: Callable[[str, str], None]):
+        self._services = frozenset(services)
+        self._record = record
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or service_of(method) not in self._services:
+            return handler
+        name = method.rsplit("/", 1)[-1]
+        record = self._record
+
+        def final_code(context, failed: bool) -> str:
+            code = context.code()
+            if code is not None:
+                return code.name
+            if not context.is_active():
+                remaining = context.time_remaining()
+                if remaining is not None and remaining <= 0:
+                    return "DEADLINE_EXCEEDED"
+                return "CANCELLED"
+            return "UNKNOWN" if failed else "OK"
+
+        def wrap(behavior, streaming_response):
+            if streaming_response:
+
+                def stream_behavior(request_or_iterator, context):
+                    failed = True
+                    try:
+                        yield from behavior(request_or_iterator, context)
+                        failed = False
+                    finally:
+                        record(name, final_code(context, failed))
+
+                return stream_behavior
+
+            def unary_behavior(request_or_iterator, context):
+                failed = True
+                try:
+                    response = behavior(request_or_iterator, context)
+                    failed = False
+                    return response
+                finally:
+                    record(name, final_code(context, failed))
+
+            return unary_behavior
+
+        return rewrap_handler(handler, wrap)

@@ -1,18 +1,17 @@
-"""Protobuf <-> loraplex objects. Pure functions: no engine calls, no gRPC context.
+"""Protobuf <-> loraplex objects. No engine calls, no gRPC context.
 
 Requests: `generation_request_from_pb` turns a GenerateRequest into a GenerationRequest
-(tokenizing a text prompt with the tokenizer it is given); anything wrong with the
-request raises InvalidRequest here, before the engine's queue sees it: malformed adapter
-ids, too many stop strings or stop token ids, temperatures so small that the sampler's
-logits / temperature overflow. Whether an id is registered is the engine's question
-(NOT_FOUND). Messages never quote more than a short prefix of what the client sent.
+through the service (service.py tokenizes a text prompt and caps its size); the limits
+(stop strings and stop token ids, temperatures so small that the sampler's logits /
+temperature overflow, malformed adapter ids) are the request types' own checks
+(engine/request.py), raising InvalidRequest before the engine's queue sees the request.
+Whether an id is registered is the engine's question (NOT_FOUND).
 Responses: FinishEvent / TokenEvent -> GenerateResponse / GenerateStreamResponse,
 AdapterInfo -> loraplex.v1.AdapterInfo.
 """
 
 from __future__ import annotations
 
-from loraplex.adapters.store import ID_PATTERN
 from loraplex.server.engine.errors import InvalidRequest
 from loraplex.server.engine.request import (
     FINISH_ADAPTER_GONE,
@@ -28,14 +27,6 @@ from loraplex.server.engine.request import (
 )
 from loraplex.v1 import admin_pb2, generate_pb2
 
-MAX_STOP_STRINGS = 16
-MAX_STOP_STRING_CHARS = 256
-MAX_STOP_TOKEN_IDS = 64  # the engine checks each generated token against all of them
-# Sampling divides float32 logits by the temperature. Near float32's smallest values (and
-# below, where it rounds to 0) the quotient overflows, softmax gives NaN and the sampler
-# raises, failing every request of the step. Anything this small is greedy in all but name.
-MIN_TEMPERATURE = 1e-4
-
 _FINISH_TO_PB = {
     FINISH_LENGTH: generate_pb2.FINISH_REASON_LENGTH,
     FINISH_STOP: generate_pb2.FINISH_REASON_STOP,
@@ -48,14 +39,6 @@ _FINISH_TO_PB = {
 
 def sampling_params_from_pb(pb: generate_pb2.SamplingParameters) -> SamplingParams:
     """Unset optional fields take SamplingParams' defaults. InvalidRequest names the field."""
-    if len(pb.stop) > MAX_STOP_STRINGS:
-        raise InvalidRequest(f"at most {MAX_STOP_STRINGS} stop strings, got {len(pb.stop)}")
-    if any(len(s) > MAX_STOP_STRING_CHARS for s in pb.stop):
-        raise InvalidRequest(f"stop strings are at most {MAX_STOP_STRING_CHARS} characters")
-    if len(pb.stop_token_ids) > MAX_STOP_TOKEN_IDS:
-        raise InvalidRequest(f"at most {MAX_STOP_TOKEN_IDS} stop token ids, got {len(pb.stop_token_ids)}")
-    if 0.0 < pb.temperature < MIN_TEMPERATURE:
-        raise InvalidRequest(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {pb.temperature}")
     kwargs = dict(
         temperature=pb.temperature,
         top_k=pb.top_k,
@@ -69,48 +52,23 @@ def sampling_params_from_pb(pb: generate_pb2.SamplingParameters) -> SamplingPara
         kwargs["top_p"] = pb.top_p
     if pb.HasField("seed"):
         kwargs["seed"] = pb.seed
-    try:
-        return SamplingParams(**kwargs)
-    except ValueError as e:
-        raise InvalidRequest(str(e)) from None
+    return SamplingParams(**kwargs)
 
 
-def prompt_ids_from_pb(pb: generate_pb2.GenerateRequest, tokenizer) -> list[int]:
+def prompt_from_pb(pb: generate_pb2.GenerateRequest) -> str | list[int]:
     kind = pb.WhichOneof("prompt")
     if kind == "text":
-        ids = list(tokenizer.encode(pb.text)) if pb.text else []
-    elif kind == "token_ids":
-        ids = list(pb.token_ids.ids)
-    else:
-        raise InvalidRequest("prompt is required: set text or token_ids")
-    if not ids:
-        raise InvalidRequest("prompt is empty")
-    return ids
+        return pb.text
+    if kind == "token_ids":
+        return list(pb.token_ids.ids)
+    raise InvalidRequest("prompt is required: set text or token_ids")
 
 
-def adapter_id_from_pb(pb: generate_pb2.GenerateRequest) -> str | None:
-    """None for the base model; InvalidRequest for an id no adapter can have."""
-    adapter_id = pb.adapter_id
-    if not adapter_id:
-        return None
-    if not ID_PATTERN.fullmatch(adapter_id) or ".." in adapter_id:
-        shown = adapter_id if len(adapter_id) <= 64 else adapter_id[:64] + "..."
-        raise InvalidRequest(f"adapter id {shown!r} is malformed: 1-128 letters, digits, '.', '_', '-', "
-                             "starting with a letter or digit, without '..'")  # fmt: skip
-    return adapter_id
-
-
-def generation_request_from_pb(
-    pb: generate_pb2.GenerateRequest, tokenizer, deadline: float | None = None
-) -> GenerationRequest:
-    """`deadline` is a time.monotonic() value (from the client's gRPC deadline) or None."""
+def generation_request_from_pb(pb: generate_pb2.GenerateRequest, service, deadline: float | None = None) -> GenerationRequest:
+    """`service`: the Service (it tokenizes); `deadline`: a time.monotonic() value (from the
+    client's gRPC deadline) or None."""
     params = sampling_params_from_pb(pb.params)
-    return GenerationRequest(
-        prompt_token_ids=prompt_ids_from_pb(pb, tokenizer),
-        params=params,
-        adapter_id=adapter_id_from_pb(pb),
-        deadline=deadline,
-    )
+    return service.request(prompt_from_pb(pb), params, adapter_id=pb.adapter_id or None, deadline=deadline)
 
 
 def finish_reason_to_pb(reason: str) -> int:

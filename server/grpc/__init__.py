@@ -1,0 +1,1 @@
+"""The gRPC front end: servicers, protobuf conversion, auth interceptors, TLS, status codes."""

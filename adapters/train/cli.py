@@ -14,12 +14,18 @@ from pathlib import Path
 from dataclasses import fields
 
 from loraplex.adapters.form import TARGET_MODULES
-from loraplex.adapters.train.config import ADAPTER_TYPES, DTYPES, SCHEDULES, TrainConfig
+from loraplex.adapters.train.config import ADAPTER_TYPES, DTYPES, INITS, SCHEDULES, TrainConfig
 
 DESCRIPTION = """\
-Train a LoRA, LoRA+, DoRA, VeRA or AdaLoRA adapter on the NF4-quantized base (QLoRA), exactly
-as the loraplex server quantizes it, and write it in PEFT's format (adapter_config.json +
-adapter_model.safetensors) with training_run.json and loss_curve.png.
+Train a LoRA, LoRA+, DoRA, VeRA, AdaLoRA, LoHa or LoKr adapter on the NF4-quantized base
+(QLoRA), exactly as the loraplex server quantizes it, and write it in PEFT's format
+(adapter_config.json + adapter_model.safetensors) with training_run.json and loss_curve.png.
+
+LoHa, LoKr and --init pissa/olora train on the NF4 weights dequantized into plain float
+linears (PEFT cannot put them on bitsandbytes 4-bit layers): the very matrices the served NF4
+forward multiplies by, held in the compute dtype, so these need the memory of an unquantized
+decoder. PiSSA and OLoRA rewrite the base at init; their adapter is saved converted to a
+plain LoRA of rank 2r that the server serves on the unmodified NF4 base.
 
 data: JSONL, one object per line: {"text": ...} (loss on all tokens) or
 {"prompt": ..., "completion": ...} (loss on the completion only; EOS is appended).
@@ -30,6 +36,8 @@ examples:
       --epochs 3 --out adapters/qa --upload localhost:50051
   loraplex train --model MODEL_DIR --data qa.jsonl --type adalora --init-r 12 --target-r 4 \\
       --tinit 50 --tfinal 100 --max-steps 1000 --out adapters/qa-ada
+  loraplex train --model MODEL_DIR --data qa.jsonl --type loha --rank 8 --out adapters/qa-loha
+  loraplex train --model MODEL_DIR --data qa.jsonl --init pissa --rslora --neftune-alpha 5 --out adapters/qa-pissa
 """
 
 _DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
@@ -47,11 +55,24 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
     g = parser.add_argument_group("adapter")
     g.add_argument("--rank", "-r", type=int, default=None,
-                   help="rank r (default: 8; VeRA: 256, its shared projection size; AdaLoRA uses --init-r/--target-r)")
+                   help="rank r (default: 8; VeRA: 256, its shared projection size; AdaLoRA uses --init-r/--target-r; "
+                        "LoHa serves at rank r*r, LoKr, both factors decomposed, at most r*r: keep that within the "
+                        "server's --max-rank)")
     g.add_argument("--alpha", type=float, default=None, help="lora_alpha (default: 2 * rank; AdaLoRA: 2 * init_r)")
     g.add_argument("--target-modules", type=_modules, default=d["target_modules"], metavar="M1,M2,...",
                    help=f"comma-separated modules to adapt, or 'all' (default: all = {','.join(TARGET_MODULES)})")
-    g.add_argument("--dropout", type=float, default=d["dropout"], help="adapter dropout (default: %(default)s)")
+    g.add_argument("--dropout", type=float, default=d["dropout"],
+                   help="adapter dropout; LoHa/LoKr: their rank dropout (default: %(default)s)")
+    g.add_argument("--init", choices=INITS, default=d["init"],
+                   help="LoRA init: default (A Kaiming, B zero), gaussian, or pissa/olora (principal/QR part of the "
+                        "dequantized NF4 weight; trained on a dense base, saved converted to plain LoRA of rank 2r) "
+                        "(default: %(default)s)")
+    g.add_argument("--rslora", action="store_true", help="rsLoRA scaling alpha / sqrt(r) (lora, lora+, dora)")
+    g.add_argument("--lora-fa", action="store_true",
+                   help="LoRA-FA: A frozen at its init, B trained with PEFT's LoRA-FA optimizer (type lora)")
+    g.add_argument("--neftune-alpha", type=float, default=d["neftune_alpha"], metavar="ALPHA",
+                   help="NEFTune: uniform noise of magnitude ALPHA / sqrt(L * d) on the input embeddings while "
+                        "training (never at eval or in the saved adapter); 0 = off (default: %(default)s)")
 
     g = parser.add_argument_group("optimization")
     g.add_argument("--lr", type=float, default=d["lr"], help="learning rate (LoRA+: of A) (default: %(default)s)")

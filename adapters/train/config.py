@@ -13,10 +13,18 @@ from dataclasses import asdict, dataclass, field
 
 from loraplex.adapters.form import TARGET_MODULES
 
-ADAPTER_TYPES = ("lora", "lora+", "adalora", "dora", "vera")
+ADAPTER_TYPES = ("lora", "lora+", "adalora", "dora", "vera", "loha", "lokr")
 SCHEDULES = ("cosine", "constant")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-DEFAULT_RANK = {"lora": 8, "lora+": 8, "dora": 8, "adalora": 8, "vera": 256}  # VeRA's r is its shared projection size
+# VeRA's r is its shared projection size; LoHa serves at rank r·r, LoKr (both factors
+# decomposed) at most r·r: 8 fits the server's default --max-rank 64
+DEFAULT_RANK = {"lora": 8, "lora+": 8, "dora": 8, "adalora": 8, "vera": 256, "loha": 8, "lokr": 8}
+# LoRA's init_lora_weights: "default" = PEFT's (A Kaiming-uniform, B zero), "gaussian" = A
+# normal(0, 1/r); "pissa" / "olora" rewrite the base at init and are saved converted to plain
+# LoRA of rank 2r (trainer.py, variants.py)
+INITS = ("default", "gaussian", "pissa", "olora")
+BASE_MODIFYING_INITS = ("pissa", "olora")
+LORA_CONFIG_TYPES = ("lora", "lora+", "dora")  # the types built from PEFT's LoraConfig
 
 
 @dataclass(frozen=True)
@@ -30,7 +38,11 @@ class TrainConfig:
     rank: int | None = None  # r; None = DEFAULT_RANK[adapter_type] (AdaLoRA uses init_r/target_r instead)
     alpha: float | None = None  # lora_alpha; None = 2 * rank (AdaLoRA: 2 * init_r; unused by VeRA)
     target_modules: tuple[str, ...] = TARGET_MODULES
-    dropout: float = 0.0
+    dropout: float = 0.0  # lora_dropout; LoHa/LoKr: rank_dropout; VeRA: vera_dropout
+    init: str = "default"  # one of INITS (LoRA, LoRA+; DoRA: default or gaussian)
+    rslora: bool = False  # use_rslora: scale alpha / sqrt(r) instead of alpha / r (LoRA, LoRA+, DoRA)
+    lora_fa: bool = False  # LoRA-FA: A frozen at its init, B trained by PEFT's LoraFAOptimizer (type lora)
+    neftune_alpha: float = 0.0  # NEFTune: uniform noise of magnitude alpha / sqrt(L·d) on the input embeddings, training only; 0 = off
 
     # optimizer and schedule
     lr: float = 2e-4  # for LoRA+: the lr of A; B gets lr * loraplus_ratio
@@ -94,6 +106,17 @@ class TrainConfig:
             raise ValueError(f"target modules must be distinct names from {TARGET_MODULES}, got {list(targets)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), not {self.dropout}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, not {self.init!r}")
+        init_types = ("lora", "lora+") if self.init in BASE_MODIFYING_INITS else LORA_CONFIG_TYPES
+        if self.init != "default" and self.adapter_type not in init_types:
+            raise ValueError(f"init {self.init!r} is for types {init_types}, not {self.adapter_type!r}")
+        if self.rslora and self.adapter_type not in LORA_CONFIG_TYPES:
+            raise ValueError(f"rsLoRA is for types {LORA_CONFIG_TYPES}, not {self.adapter_type!r}")
+        if self.lora_fa and self.adapter_type != "lora":
+            raise ValueError(f"LoRA-FA is for type 'lora' (it brings its own optimizer), not {self.adapter_type!r}")
+        if not (self.neftune_alpha >= 0 and math.isfinite(self.neftune_alpha)):
+            raise ValueError(f"neftune_alpha must be a finite number >= 0, not {self.neftune_alpha}")
 
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, not {self.lr}")
@@ -141,6 +164,12 @@ class TrainConfig:
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', not {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, not {self.dtype!r}")
+
+    @property
+    def dense_base(self) -> bool:
+        """Whether the adapter trains on the dequantized NF4 weights as plain float linears
+        (LoHa, LoKr, PiSSA, OLoRA: PEFT cannot put them on bitsandbytes 4-bit layers; variants.py)."""
+        return self.adapter_type in ("loha", "lokr") or self.init in BASE_MODIFYING_INITS
 
     @property
     def epochs_or_default(self) -> float:

@@ -5,15 +5,21 @@
 The base is loaded from a Hugging Face model directory (float32 on CPU, bfloat16 on
 CUDA), its decoder linears replaced by bitsandbytes NF4 layers with
 `quantize_hf_decoder_` — the function the server quantizes its base with, so an adapter
-serves on the same 4-bit weights it trained on — and frozen. PEFT injects the adapter
-(LoRA, DoRA, VeRA, AdaLoRA; adapter weights stay float32), PEFT's
-`create_loraplus_optimizer` gives LoRA+ its two learning rates, and AdaLoRA's rank
-allocator runs after every optimizer step. The output directory receives
+serves on the same 4-bit weights it trained on — and frozen. LoHa, LoKr and the PiSSA/OLoRA
+inits train on those NF4 weights dequantized into plain float linears (the same matrices;
+PEFT cannot put them on 4-bit layers: variants.py says why). PEFT injects the adapter
+(LoRA, DoRA, VeRA, AdaLoRA, LoHa, LoKr; optionally rsLoRA scaling and gaussian/PiSSA/OLoRA
+init; adapter weights stay float32), PEFT's `create_loraplus_optimizer` gives LoRA+ its two
+learning rates and `create_lorafa_optimizer` LoRA-FA its frozen A and projected B update,
+AdaLoRA's rank allocator runs after every optimizer step, and NEFTune's noise, when asked
+for, is added to the input embeddings in training mode only. The output directory receives
 adapter_config.json + adapter_model.safetensors (AdaLoRA's pruned to its final ranks by
-PEFT's save, which cuts every module down to its rank_pattern), training_run.json and
-loss_curve.png; checkpoint-STEP/ subfolders hold intermediate adapters.
+PEFT's save, which cuts every module down to its rank_pattern; PiSSA/OLoRA's converted to a
+plain LoRA of rank 2r that serves on the unmodified base), training_run.json and
+loss_curve.png; checkpoint-STEP/ subfolders hold intermediate adapters (converted alike).
 
-This module knows nothing about argparse, the server's RPCs or the engine.
+This module knows nothing about argparse, the server's RPCs or the engine (but its default
+--max-rank, to warn of an adapter that would not serve under it).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import logging
 import math
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +37,13 @@ import torch
 import torch.nn.functional as F
 
 from loraplex.adapters.train import data as D
-from loraplex.adapters.train.config import TrainConfig
+from loraplex.adapters.train.config import BASE_MODIFYING_INITS, TrainConfig
+from loraplex.adapters.train.variants import AdapterSaver, dense_nf4_decoder_, neftune
+from loraplex.server.engine.config import EngineConfig
 from loraplex.server.model.quantize import quantize_hf_decoder_
 
 log = logging.getLogger("loraplex.train")
+SERVER_MAX_RANK = next(f.default for f in fields(EngineConfig) if f.name == "max_rank")  # the server's default --max-rank
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 RUN_FILE = "training_run.json"
@@ -51,7 +60,7 @@ class TrainResult:
     train_tokens: int
     wall_s: float
     trainable_params: int
-    ranks: dict[str, int]  # rank per adapted module as saved (AdaLoRA: after pruning)
+    ranks: dict[str, int]  # rank per adapted module as served (AdaLoRA: after pruning; LoHa r·r; PiSSA/OLoRA 2r)
     run: dict  # the content of training_run.json
     model: Any = field(repr=False, default=None)  # the trained PeftModel, in memory, eval mode
     optimizer: Any = field(repr=False, default=None)
@@ -88,16 +97,22 @@ def load_quantized_base(model_dir: str | Path, device: str | torch.device = "cpu
 
 def peft_config(cfg: TrainConfig, total_steps: int):
     """The PEFT config of the adapter type; AdaLoRA's total_step is the run's step count."""
-    from peft import AdaLoraConfig, LoraConfig, VeraConfig
+    from peft import AdaLoraConfig, LoHaConfig, LoKrConfig, LoraConfig, VeraConfig
 
     common = dict(target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
     if cfg.adapter_type in ("lora", "lora+", "dora"):
         return LoraConfig(
             r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
-            use_dora=cfg.adapter_type == "dora", **common,
+            use_dora=cfg.adapter_type == "dora", use_rslora=cfg.rslora,
+            init_lora_weights=True if cfg.init == "default" else cfg.init, **common,
         )
     if cfg.adapter_type == "vera":
         return VeraConfig(r=cfg.rank, vera_dropout=cfg.dropout, projection_prng_key=cfg.seed, save_projection=True, **common)
+    if cfg.adapter_type == "loha":
+        return LoHaConfig(r=cfg.rank, alpha=cfg.alpha, rank_dropout=cfg.dropout, **common)
+    if cfg.adapter_type == "lokr":
+        # both Kronecker factors low-rank (where r is under half their size): the server's rank is then r·r
+        return LoKrConfig(r=cfg.rank, alpha=cfg.alpha, rank_dropout=cfg.dropout, decompose_both=True, **common)
     return AdaLoraConfig(
         init_r=cfg.init_r, target_r=cfg.target_r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
         tinit=cfg.tinit, tfinal=cfg.tfinal, deltaT=cfg.delta_t, beta1=cfg.beta1, beta2=cfg.beta2,
@@ -106,7 +121,13 @@ def peft_config(cfg: TrainConfig, total_steps: int):
 
 
 def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; for LoRA+ PEFT's LoRA+ groups (B at λ·lr)."""
+    """AdamW over the trainable parameters; for LoRA+ PEFT's LoRA+ groups (B at λ·lr); for
+    LoRA-FA PEFT's LoraFAOptimizer, which freezes every lora_A (requires_grad off) and
+    updates B with the gradient projected as LoRA-FA's paper says."""
+    if cfg.lora_fa:
+        from peft.optimizers import create_lorafa_optimizer
+
+        return create_lorafa_optimizer(model, r=cfg.rank, lora_alpha=cfg.alpha, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.adapter_type == "lora+":
         from peft.optimizers import create_loraplus_optimizer
 
@@ -154,23 +175,36 @@ def evaluate(model, examples: list[D.TokenizedExample], batch_size: int, pad_id:
 
 
 def saved_ranks(adapter_dir: str | Path) -> dict[str, int]:
-    """Rank per module of a saved PEFT adapter, read from its safetensors header
-    (lora_A rows for LoRA, DoRA and AdaLoRA; the length of λ_d for VeRA)."""
+    """Rank per module at which the server serves a saved PEFT adapter, read from its
+    safetensors header: lora_A rows for LoRA, DoRA and AdaLoRA; the length of λ_d for VeRA;
+    r·r for LoHa; rank(W1)·rank(W2) for LoKr (a factored W's r, a full one's smaller side)."""
     from safetensors import safe_open
 
-    ranks = {}
     with safe_open(str(Path(adapter_dir) / "adapter_model.safetensors"), framework="pt") as f:
-        for key in f.keys():
-            for suffix in (".lora_A.weight", ".lora_A", ".vera_lambda_d"):  # AdaLoRA's lora_A has no ".weight"
-                if key.endswith(suffix):
-                    ranks[key[: -len(suffix)].removeprefix("base_model.model.")] = f.get_slice(key).get_shape()[0]
-    return ranks
+        shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}
+
+    def lokr_rank(module: str, w: str) -> int:
+        full = shapes.get(f"{module}.lokr_{w}")
+        return min(full) if full is not None else shapes[f"{module}.lokr_{w}_a"][1]
+
+    ranks = {}
+    for key, shape in shapes.items():
+        module, _, suffix = key.partition(".lora_A")  # AdaLoRA's lora_A has no ".weight"
+        if suffix in ("", ".weight") and module != key:
+            ranks[module] = shape[0]
+        elif key.endswith(".vera_lambda_d"):
+            ranks[key.removesuffix(".vera_lambda_d")] = shape[0]
+        elif key.endswith(".hada_w1_a"):
+            ranks[key.removesuffix(".hada_w1_a")] = shape[1] * shapes[key.replace("hada_w1_a", "hada_w2_a")][1]
+        elif key.endswith((".lokr_w1", ".lokr_w1_a")):
+            module = key.rpartition(".lokr_w1")[0]
+            ranks[module] = lokr_rank(module, "w1") * lokr_rank(module, "w2")
+    return {k.removeprefix("base_model.model."): v for k, v in ranks.items()}
 
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Trains one adapter as `cfg` says and writes it to cfg.out. See the module docstring."""
     from peft import get_peft_model
-    from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
     device = resolve_device(cfg.device)
@@ -181,6 +215,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     examples = D.read_jsonl(cfg.data)
     train_raw, eval_raw = D.split(examples, cfg.eval_fraction, cfg.seed)
     model, tokenizer = load_quantized_base(cfg.model, device, dtype)
+    if cfg.dense_base:
+        dense_nf4_decoder_(model, dtype)
     train_set, dropped = D.tokenize_report(train_raw, tokenizer, cfg.max_seq_len)
     eval_set, dropped_eval = D.tokenize_report(eval_raw, tokenizer, cfg.max_seq_len)
     if dropped or dropped_eval:
@@ -198,18 +234,54 @@ def train(cfg: TrainConfig) -> TrainResult:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(cfg.seed)
     model = get_peft_model(model, peft_config(cfg, total_steps))
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    optimizer = make_optimizer(model, cfg)
+    saver = AdapterSaver(model, convert=cfg.init in BASE_MODIFYING_INITS)  # PiSSA/OLoRA: the initial adapter, now
+    try:
+        optimizer = make_optimizer(model, cfg)  # LoRA-FA's freezes A: count the trainable parameters after it
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log.info(
+            "training %s on %s (%s): %d train / %d eval examples, %d steps, %d trainable parameters",
+            cfg.adapter_type, device, str(dtype).removeprefix("torch."), len(train_set), len(eval_set), total_steps,
+            trainable,
+        )
+        with neftune(model, cfg.neftune_alpha):  # training mode only: evaluate() and the save run in eval mode
+            train_losses, eval_losses, train_tokens, train_time = _run_steps(
+                cfg, model, optimizer, saver, train_set, eval_set, pad_id, device, total_steps, warmup, out
+            )
+        model.eval()
+        saver.save(model, out)
+    finally:
+        saver.close()
+    is_adalora = cfg.adapter_type == "adalora"
+    ranks = saved_ranks(out)
+    if ranks and max(ranks.values()) > SERVER_MAX_RANK:  # LoHa's r·r, LoKr's rank(W1)·rank(W2) grow fast
+        log.warning("the adapter serves at rank up to %d, over the server's default --max-rank %d: serve it with "
+                    "--max-rank %d or more, or train a smaller --rank", max(ranks.values()), SERVER_MAX_RANK,
+                    max(ranks.values()))
+    if is_adalora:
+        budget = cfg.target_r * len(ranks)
+        if sum(ranks.values()) > budget:  # PEFT's save prunes by rank_pattern; this guards that contract
+            raise RuntimeError(f"AdaLoRA saved {sum(ranks.values())} ranks in total, over its budget {budget}")
+    wall = time.perf_counter() - t_start
+    tokens_per_s = train_tokens / max(train_time, 1e-9)
+    run = _run_record(cfg, device, dtype, total_steps, warmup, len(train_set), len(eval_set), trainable,
+                      train_losses, eval_losses, train_tokens, train_time, tokens_per_s, wall, ranks)
+    (out / RUN_FILE).write_text(json.dumps(run, indent=1) + "\n")
+    plot_losses(out / CURVE_FILE, train_losses, eval_losses, title=f"{cfg.adapter_type} on {Path(cfg.model).name}")
+    log.info("wrote %s (%.0f tok/s, %.1f s)", out, tokens_per_s, wall)
+    return TrainResult(out, total_steps, train_losses, eval_losses, tokens_per_s, train_tokens, wall, trainable,
+                       ranks, run, model, optimizer)
+
+
+def _run_steps(cfg, model, optimizer, saver, train_set, eval_set, pad_id, device, total_steps, warmup, out):
+    """The optimizer steps (with evals and checkpoints on the way) -> (train_losses,
+    eval_losses, train_tokens, train_time)."""
+    from tqdm.auto import tqdm
+
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_multiplier(s, total_steps, warmup, cfg.schedule, cfg.min_lr_ratio)
     )
     params = [p for p in model.parameters() if p.requires_grad]
     is_adalora = cfg.adapter_type == "adalora"
-    log.info(
-        "training %s on %s (%s): %d train / %d eval examples, %d steps, %d trainable parameters",
-        cfg.adapter_type, device, str(dtype).removeprefix("torch."), len(train_set), len(eval_set), total_steps, trainable,
-    )
-
     train_losses: list[tuple[int, float]] = []
     eval_losses: list[tuple[int, float]] = []
     if eval_set:
@@ -254,29 +326,13 @@ def train(cfg: TrainConfig) -> TrainResult:
             log.info("step %d eval loss %.4f", step, eval_losses[-1][1])
         if cfg.save_every and step < total_steps and step % cfg.save_every == 0:
             ckpt = out / f"checkpoint-{step}"
-            model.save_pretrained(str(ckpt), safe_serialization=True, save_embedding_layers=False)
+            saver.save(model, ckpt)
             log.info("saved checkpoint %s", ckpt)
     bar.close()
     if eval_set:
         eval_losses.append((total_steps, evaluate(model, eval_set, cfg.batch_size, pad_id, device)))
         log.info("final eval loss %.4f", eval_losses[-1][1])
-
-    model.eval()
-    model.save_pretrained(str(out), safe_serialization=True, save_embedding_layers=False)
-    ranks = saved_ranks(out)
-    if is_adalora:
-        budget = cfg.target_r * len(ranks)
-        if sum(ranks.values()) > budget:  # PEFT's save prunes by rank_pattern; this guards that contract
-            raise RuntimeError(f"AdaLoRA saved {sum(ranks.values())} ranks in total, over its budget {budget}")
-    wall = time.perf_counter() - t_start
-    tokens_per_s = train_tokens / max(train_time, 1e-9)
-    run = _run_record(cfg, device, dtype, total_steps, warmup, len(train_set), len(eval_set), trainable,
-                      train_losses, eval_losses, train_tokens, train_time, tokens_per_s, wall, ranks)
-    (out / RUN_FILE).write_text(json.dumps(run, indent=1) + "\n")
-    plot_losses(out / CURVE_FILE, train_losses, eval_losses, title=f"{cfg.adapter_type} on {Path(cfg.model).name}")
-    log.info("wrote %s (%.0f tok/s, %.1f s)", out, tokens_per_s, wall)
-    return TrainResult(out, total_steps, train_losses, eval_losses, tokens_per_s, train_tokens, wall, trainable,
-                       ranks, run, model, optimizer)
+    return train_losses, eval_losses, train_tokens, train_time
 
 
 def _total_steps(cfg: TrainConfig, n_train: int) -> int:
@@ -297,7 +353,8 @@ def _run_record(cfg, device, dtype, total_steps, warmup, n_train, n_eval, traina
     return {
         "config": cfg.to_json(),
         "adapter_type": cfg.adapter_type,
-        "base": {"model": cfg.model, "quantization": "nf4 (bitsandbytes, blocksize 64, double quant)",
+        "base": {"model": cfg.model, "quantization": "nf4 (bitsandbytes, blocksize 64, double quant)"
+                 + (", trained on as dequantized float linears" if cfg.dense_base else ""),
                  "dtype": str(dtype).removeprefix("torch.")},
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
         "steps": total_steps,

@@ -54,3 +54,13 @@ def text_data(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "text.jsonl"
     path.write_text("".join(json.dumps({"text": corpus_sentence(rng) + " " + corpus_sentence(rng)}) + "\n" for _ in range(24)))
     return path
+
+
+@pytest.fixture(scope="module")
+def runner_model(tiny_model_dir):
+    """(loraplex's model runner on the tiny model, its AdapterPages with 1 slot of max rank 64)."""
+    from loraplex.server.engine.adapter_pages import AdapterPages
+    from loraplex.server.model.loader import LoadSpec, load_model
+
+    model = load_model(tiny_model_dir, LoadSpec())
+    return model, AdapterPages(model, 1, 64)

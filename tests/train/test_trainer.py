@@ -94,16 +94,6 @@ def test_trains_and_reloads_with_same_logits(adapter_type, trained, tiny_model_d
     assert (want[mask] - base_logits[mask]).abs().max() > 1e-2  # the adapter does something
 
 
-@pytest.fixture(scope="module")
-def runner_model(tiny_model_dir):
-    from loraplex.server.model.loader import LoadSpec, load_model
-
-    from loraplex.server.engine.adapter_pages import AdapterPages
-
-    model = load_model(tiny_model_dir, LoadSpec())
-    return model, AdapterPages(model, 1, 64)
-
-
 @pytest.mark.parametrize("adapter_type", TYPES)
 def test_written_adapter_serves_in_loraplex_with_the_trained_logits(adapter_type, trained, runner_model):
     from loraplex.adapters.loader import load_adapter_dir
@@ -213,6 +203,8 @@ def test_module_help():
     proc = subprocess.run([sys.executable, "-m", "loraplex.adapters.train", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0
     assert "--loraplus-ratio" in proc.stdout and "--upload" in proc.stdout and "--target-r" in proc.stdout and "--tls-ca" in proc.stdout
+    assert all(flag in proc.stdout for flag in ("loha", "lokr", "--init", "--rslora", "--lora-fa", "--neftune-alpha"))
+    assert "dequantized" in proc.stdout  # why LoHa/LoKr/PiSSA/OLoRA need a dense base
 
 
 @pytest.mark.parametrize(

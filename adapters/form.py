@@ -23,6 +23,10 @@ TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 
 ModuleKey = tuple[int, str]  # (decoder layer index, module name in TARGET_MODULES)
 
+# The largest adapter rank a server accepts unless told otherwise (serve --max-rank): the
+# engine's default, and what the trainer warns against.
+DEFAULT_MAX_RANK = 64
+
 
 @dataclass(frozen=True)
 class ModuleDelta:

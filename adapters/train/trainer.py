@@ -29,21 +29,21 @@ import logging
 import math
 import platform
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from loraplex.adapters.form import DEFAULT_MAX_RANK
 from loraplex.adapters.train import data as D
 from loraplex.adapters.train.config import BASE_MODIFYING_INITS, TrainConfig
 from loraplex.adapters.train.variants import AdapterSaver, dense_nf4_decoder_, neftune
-from loraplex.server.engine.config import EngineConfig
 from loraplex.server.model.quantize import quantize_hf_decoder_
 
 log = logging.getLogger("loraplex.train")
-SERVER_MAX_RANK = next(f.default for f in fields(EngineConfig) if f.name == "max_rank")  # the server's default --max-rank
+SERVER_MAX_RANK = DEFAULT_MAX_RANK  # the server's default --max-rank
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 RUN_FILE = "training_run.json"

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from loraplex.adapters.form import DEFAULT_MAX_RANK
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -24,7 +26,7 @@ class EngineConfig:
     adapter_pool_bytes: int = 256 << 20  # device memory for adapter slots
     host_cache_bytes: int = 1 << 30  # host memory for converted adapters
     max_adapter_bytes: int = 512 << 20  # largest adapter file accepted
-    max_rank: int = 64  # largest adapter rank accepted
+    max_rank: int = DEFAULT_MAX_RANK  # largest adapter rank accepted
     max_prompt_tokens: int | None = None  # None = the model's context length
     max_new_tokens: int = 4096  # cap on a request's max_new_tokens
     lora_backend: str = "auto"  # "auto" (Triton on CUDA), "torch" or "triton"

@@ -12,7 +12,8 @@ Two sources:
   counters (adapter loads, evictions, load failures, steps).
 
 The per-adapter counter is bounded: its label is the adapter id only for adapters the
-adapter manager knows ("_base" for none, "_unknown" for everything else), at most
+adapter manager knows ("_base" for none, "_mixture" for every per-request mixture,
+whatever its parts, "_unknown" for everything else), at most
 `max_adapter_series` ids get a series of their own (the busiest, chosen at each scrape)
 and the rest are summed under "_other", and an adapter's series is dropped when it is
 unloaded.
@@ -37,6 +38,8 @@ _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 
 BASE_LABEL = "_base"
 UNKNOWN_LABEL = "_unknown"
 OTHER_LABEL = "_other"
+MIXTURE_LABEL = "_mixture"  # every mixture: no series per combination of adapters
+FIXED_LABELS = (BASE_LABEL, MIXTURE_LABEL, UNKNOWN_LABEL)
 
 
 class EngineCollector(Collector):
@@ -113,6 +116,9 @@ class ServerMetrics:
     def count_adapter_request(self, adapter_id: str | None, known: bool) -> None:
         self.adapter_requests.count(BASE_LABEL if not adapter_id else (adapter_id if known else UNKNOWN_LABEL))
 
+    def count_mixture_request(self) -> None:
+        self.adapter_requests.count(MIXTURE_LABEL)
+
     def forget_adapter(self, adapter_id: str) -> None:
         """Drops an unloaded adapter's series so the label set tracks the registered adapters."""
         self.adapter_requests.forget(adapter_id)
@@ -124,7 +130,7 @@ class ServerMetrics:
 
 class AdapterRequests(Collector):
     """loraplex_adapter_requests_total{adapter}: the `max_series` busiest adapter ids by
-    name, the others summed under "_other" ("_base" and "_unknown" always by name)."""
+    name, the others summed under "_other" ("_base", "_mixture" and "_unknown" always by name)."""
 
     def __init__(self, max_series: int):
         if max_series < 1:
@@ -138,7 +144,7 @@ class AdapterRequests(Collector):
             self._counts[label] = self._counts.get(label, 0) + 1
 
     def forget(self, adapter_id: str) -> None:
-        if adapter_id not in (BASE_LABEL, UNKNOWN_LABEL):
+        if adapter_id not in FIXED_LABELS:
             with self._lock:
                 self._counts.pop(adapter_id, None)
 
@@ -148,11 +154,12 @@ class AdapterRequests(Collector):
     def collect(self):
         with self._lock:
             counts = dict(self._counts)
-        fixed = {k: counts.pop(k) for k in (BASE_LABEL, UNKNOWN_LABEL) if k in counts}
+        fixed = {k: counts.pop(k) for k in FIXED_LABELS if k in counts}
         busiest = sorted(counts, key=lambda k: (-counts[k], k))[: self.max_series]
         family = CounterMetricFamily(
             "loraplex_adapter_requests",
-            f'Generation requests per adapter ("{BASE_LABEL}" = none, "{UNKNOWN_LABEL}" = not registered, '
+            f'Generation requests per adapter ("{BASE_LABEL}" = none, "{MIXTURE_LABEL}" = a mixture of adapters, '
+            f'"{UNKNOWN_LABEL}" = not registered, '
             f'"{OTHER_LABEL}" = past the {self.max_series} busiest)',
             labels=["adapter"],
         )

@@ -190,13 +190,16 @@ class Service:
             raise InvalidRequest(f"the chat template cannot render these messages: {e}") from None
 
     def request(
-        self, prompt: str | list[int], params: SamplingParams, adapter_id: str | None = None, deadline: float | None = None
+        self, prompt: str | list[int], params: SamplingParams, adapter_id: str | None = None, deadline: float | None = None,
+        adapters: tuple[tuple[str, float], ...] = (),
     ) -> GenerationRequest:
-        """A GenerationRequest; a text prompt is tokenized. InvalidRequest names what is wrong."""
+        """A GenerationRequest; a text prompt is tokenized. `adapters`: a mixture, (adapter
+        id, weight) per part, exclusive with adapter_id. InvalidRequest names what is wrong."""
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise InvalidRequest("prompt is empty")
-        return GenerationRequest(prompt_token_ids=ids, params=params, adapter_id=adapter_id, deadline=deadline)
+        return GenerationRequest(prompt_token_ids=ids, params=params, adapter_id=adapter_id, adapters=tuple(adapters),
+                                 deadline=deadline)  # fmt: skip
 
     def remaining_tokens(self, prompt_tokens: int) -> int:
         """The most tokens a request with this prompt may generate (context and server cap)."""
@@ -205,7 +208,9 @@ class Service:
     def submit(self, request: GenerationRequest) -> RequestHandle:
         """Queues the request; raises NotReady, InvalidRequest, UnknownAdapter, QueueFull, EngineDraining."""
         self.check_ready()
-        if self._metrics is not None:
+        if self._metrics is not None and request.adapters:
+            self._metrics.count_mixture_request()
+        elif self._metrics is not None:
             adapter_id = request.adapter_id
             self._metrics.count_adapter_request(adapter_id, bool(adapter_id) and adapter_id in self._engine.adapters)
         return self._engine.submit(request)

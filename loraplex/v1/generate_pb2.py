@@ -24,27 +24,29 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aloraplex/v1/generate.proto\x12\x0bloraplex.v1\"\x9c\x01\n\x0fGenerateRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x15.loraplex.v1.TokenIdsH\x00\x12/\n\x06params\x18\x04 \x01(\x0b\x32\x1f.loraplex.v1.SamplingParametersB\x08\n\x06prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xdc\x01\n\x12SamplingParameters\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\x11\n\x0f_max_new_tokensB\x08\n\x06_top_pB\x07\n\x05_seed\"8\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\"\x9c\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.loraplex.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\xa2\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.loraplex.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t*\xb1\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x1a\n\x16\x46INISH_REASON_DEADLINE\x10\x04\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x05\x32\xac\x01\n\nGeneration\x12G\n\x08Generate\x12\x1c.loraplex.v1.GenerateRequest\x1a\x1d.loraplex.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1c.loraplex.v1.GenerateRequest\x1a#.loraplex.v1.GenerateStreamResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aloraplex/v1/generate.proto\x12\x0bloraplex.v1\"\xca\x01\n\x0fGenerateRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12,\n\x08\x61\x64\x61pters\x18\x05 \x03(\x0b\x32\x1a.loraplex.v1.AdapterWeight\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x15.loraplex.v1.TokenIdsH\x00\x12/\n\x06params\x18\x04 \x01(\x0b\x32\x1f.loraplex.v1.SamplingParametersB\x08\n\x06prompt\"3\n\rAdapterWeight\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x02\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xdc\x01\n\x12SamplingParameters\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\x11\n\x0f_max_new_tokensB\x08\n\x06_top_pB\x07\n\x05_seed\"8\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\"\x9c\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.loraplex.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\xa2\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.loraplex.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t*\xb1\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x1a\n\x16\x46INISH_REASON_DEADLINE\x10\x04\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x05\x32\xac\x01\n\nGeneration\x12G\n\x08Generate\x12\x1c.loraplex.v1.GenerateRequest\x1a\x1d.loraplex.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1c.loraplex.v1.GenerateRequest\x1a#.loraplex.v1.GenerateStreamResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loraplex.v1.generate_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=833
-  _globals['_FINISHREASON']._serialized_end=1010
+  _globals['_FINISHREASON']._serialized_start=932
+  _globals['_FINISHREASON']._serialized_end=1109
   _globals['_GENERATEREQUEST']._serialized_start=44
-  _globals['_GENERATEREQUEST']._serialized_end=200
-  _globals['_TOKENIDS']._serialized_start=202
-  _globals['_TOKENIDS']._serialized_end=225
-  _globals['_SAMPLINGPARAMETERS']._serialized_start=228
-  _globals['_SAMPLINGPARAMETERS']._serialized_end=448
-  _globals['_USAGE']._serialized_start=450
-  _globals['_USAGE']._serialized_end=506
-  _globals['_GENERATERESPONSE']._serialized_start=509
-  _globals['_GENERATERESPONSE']._serialized_end=665
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=668
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=830
-  _globals['_GENERATION']._serialized_start=1013
-  _globals['_GENERATION']._serialized_end=1185
+  _globals['_GENERATEREQUEST']._serialized_end=246
+  _globals['_ADAPTERWEIGHT']._serialized_start=248
+  _globals['_ADAPTERWEIGHT']._serialized_end=299
+  _globals['_TOKENIDS']._serialized_start=301
+  _globals['_TOKENIDS']._serialized_end=324
+  _globals['_SAMPLINGPARAMETERS']._serialized_start=327
+  _globals['_SAMPLINGPARAMETERS']._serialized_end=547
+  _globals['_USAGE']._serialized_start=549
+  _globals['_USAGE']._serialized_end=605
+  _globals['_GENERATERESPONSE']._serialized_start=608
+  _globals['_GENERATERESPONSE']._serialized_end=764
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=767
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=929
+  _globals['_GENERATION']._serialized_start=1112
+  _globals['_GENERATION']._serialized_end=1284
 # @@protoc_insertion_point(module_scope)

@@ -15,6 +15,12 @@ the engine thread; device writes run on the writer thread. The engine thread cal
 `acquire`, `release`, `prefetch`, `collect` and `join_loads`; a request binds the version
 current when it is admitted (`current_key`), and a replaced or removed version is freed
 once no running request uses it, never handed out again.
+
+Mixtures (adapters/mixture.py) are virtual adapters under a `MixtureKey`: built on the
+loader thread from their parts' converted weights (the host cache's, else each part's
+directory), then cached, staged, slotted and evicted like any adapter. A mixture's key
+names its parts' versions, so a replaced or removed part retires the mixtures built from
+it, and the next bind resolves the parts' current versions (a new key).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import torch
 
 from loraplex.adapters.errors import AdapterError, AdapterExists
 from loraplex.adapters.form import AdapterWeights
+from loraplex.adapters.mixture import check_parts, check_ranks, check_type, mix, rank_bound
 from loraplex.kernels.rank_pages import pages_for
 from loraplex.server.engine.adapter_pages import AdapterPages, StagedAdapter, adapter_page_bytes, adapter_slot_bytes
 from loraplex.server.engine.config import EngineConfig
@@ -41,6 +48,21 @@ from loraplex.server.model.config import ModelConfig
 log = logging.getLogger(__name__)
 
 AdapterKey = tuple[str, int]  # (adapter id, version): a replaced adapter gets a new key
+# ("_mixture", ((adapter id, version, weight), ...)), parts sorted by id. "_mixture" is no
+# adapter id (ids start with a letter or digit: adapters/store.py).
+MIXTURE = "_mixture"
+MixtureKey = tuple[str, tuple[tuple[str, int, float], ...]]
+
+
+def is_mixture(key) -> bool:
+    return key[0] == MIXTURE
+
+
+def describe(key) -> str:
+    """A key as messages name it: 'shout', or mixture('shout' 0.5, 'calm' 0.5)."""
+    if is_mixture(key):
+        return "mixture(" + ", ".join(f"{i!r} {w:g}" for i, _, w in key[1]) + ")"
+    return repr(key[0])
 
 # Host loads started ahead of need for waiting requests (the loader works them in order).
 MAX_PREFETCH_LOADS = 4
@@ -97,6 +119,7 @@ class AdapterManager:
         self._entries: dict[str, _Entry] = {}
         self._pending: dict[AdapterKey, Future] = {}  # host loads in flight or failed
         self._retired: list[AdapterKey] = []  # replaced/removed versions the engine thread frees
+        self._mixtures: set = set()  # MixtureKeys loading, host-cached or resident: retired with their parts
         self._versions = itertools.count(1)
         self._lock = threading.RLock()
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-loader")
@@ -207,9 +230,30 @@ class AdapterManager:
 
     # -- engine side (the engine thread) ------------------------------------------------------
     def current_key(self, key: AdapterKey) -> AdapterKey:
-        """The registered version of `key`'s adapter id (a replace makes a new one);
-        UnknownAdapter if the id was removed."""
+        """The registered version of `key`'s adapter id (a replace makes a new one), or
+        of each part of a mixture; UnknownAdapter if an id was removed."""
+        if is_mixture(key):
+            return (MIXTURE, tuple((i, self._entry(i).key[1], w) for i, _, w in key[1]))
         return self._entry(key[0]).key
+
+    def mixture_key(self, parts) -> MixtureKey:
+        """The key of the mixture of `parts` ((adapter id, weight) ...) at the parts'
+        current versions. UnknownAdapter: an id is not registered; AdapterError: the
+        mixture is refused (adapters/mixture.py; the rank check is the upper bound of the
+        parts' declared ranks: the build checks each layer exactly)."""
+        parts = [(i, float(w)) for i, w in parts]
+        check_parts(parts)
+        entries = [(self._entry(i), w) for i, w in parts]
+        for e, _ in entries:
+            check_type(e.info.adapter_id, e.info.adapter_type)
+        check_ranks(rank_bound(e.info.ranks for e, _ in entries), self._max_rank, exact=False)
+        return (MIXTURE, tuple(sorted((e.key[0], e.key[1], w) for e, w in entries)))
+
+    def is_gone(self, key) -> bool:
+        """Whether `key`'s adapter id (or one of a mixture's parts) is no longer registered."""
+        ids = [i for i, _, _ in key[1]] if is_mixture(key) else [key[0]]
+        with self._lock:
+            return any(i not in self._entries for i in ids)
 
     def acquire(self, key: AdapterKey) -> int | None:
         """Pins `key` in a device slot and returns the slot, or None while it loads (from
@@ -286,11 +330,54 @@ class AdapterManager:
         with self._lock:
             if key in self._pending or key in self.host:
                 return False
+            if is_mixture(key):
+                parts = [self._entries.get(i) for i, _, _ in key[1]]
+                for e, (i, version, _) in zip(parts, key[1]):
+                    if e is None or e.key != (i, version):
+                        raise UnknownAdapter(f"adapter {i!r} (part of {describe(key)}) was removed or replaced")
+                self._prune_mixtures()
+                self._mixtures.add(key)
+                self._pending[key] = self._loader.submit(self._build_mixture, key, [(e.key, e.path) for e in parts])
+                return True
             entry = self._entries.get(key[0])
             if entry is None or entry.key != key:
                 raise UnknownAdapter(f"adapter {key[0]!r} was removed")
             self._pending[key] = self._loader.submit(self._reload, key, entry.path)
             return True
+
+    def _prune_mixtures(self) -> None:
+        """Forgets mixtures neither loading, host-cached nor resident (evicted by both
+        LRUs), so one key per weight combination ever asked for is not kept. Under the lock."""
+        if len(self._mixtures) > 4 * self.device.num_slots:
+            self._mixtures = {m for m in self._mixtures if m in self._pending or m in self.host
+                              or self.device.slot_of(m) is not None}  # fmt: skip
+
+    def _build_mixture(self, key: MixtureKey, parts: list[tuple[AdapterKey, Path]]) -> None:
+        """On the loader thread: the mixture's weights from its parts' (host-cached, else
+        converted from their directories), staged into the host cache if every part is
+        still the current version."""
+        converted = []
+        for (part_key, path), (_, _, w) in zip(parts, key[1]):
+            cached = self.host.get(part_key)
+            if cached is not None:
+                weights = cached.weights
+            else:
+                try:
+                    weights = self.convert(path)
+                except Exception as e:
+                    self._unregister_invalid(part_key, e)
+                    raise
+                with self._lock:
+                    entry = self._entries.get(part_key[0])
+                    if entry is not None and entry.key == part_key:
+                        self._mark_validated(entry, weights)
+            converted.append((part_key[0], weights, w))
+        staged = self._stage(mix(converted, self._max_rank))
+        with self._lock:
+            self._pending.pop(key, None)
+            if key in self._mixtures and all(self._entries.get(k[0]) is not None and self._entries[k[0]].key == k
+                                             for k, _ in parts):  # fmt: skip
+                self.host.put(key, staged)
 
     def _reload(self, key: AdapterKey, path: Path) -> None:
         try:
@@ -339,9 +426,16 @@ class AdapterManager:
         self._retire(key)
 
     def _retire(self, key: AdapterKey) -> None:
-        self.host.drop(key)
+        """`key` (a version replaced or removed) and the mixtures built from it are freed
+        by the engine thread (`collect`), at their last release where they are pinned."""
         with self._lock:
-            self._retired.append(key)
+            mixtures = [m for m in self._mixtures if any((i, v) == key for i, v, _ in m[1])]
+            self._mixtures.difference_update(mixtures)
+            for m in mixtures:
+                self._pending.pop(m, None)  # a build in flight finds its key gone and caches nothing
+            for k in (key, *mixtures):
+                self.host.drop(k)
+                self._retired.append(k)
 
     def _entry(self, adapter_id: str) -> _Entry:
         with self._lock:

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from loraplex.server.engine.adapter_manager import AdapterManager
+from loraplex.adapters.errors import AdapterError
+from loraplex.server.engine.adapter_manager import AdapterManager, describe
 from loraplex.server.engine.block_manager import BlockManager
 from loraplex.server.engine.config import EngineConfig
-from loraplex.server.engine.errors import EngineDraining, InvalidRequest, QueueFull, UnknownAdapter
+from loraplex.server.engine.errors import EngineDraining, InvalidRequest, QueueFull
 from loraplex.server.engine.request import (
     FINISH_ADAPTER_GONE,
     FINISH_CANCELLED,
@@ -120,8 +121,7 @@ class Engine:
     # -- the caller's side ---------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> RequestHandle:
         """Queues a request; raises InvalidRequest, UnknownAdapter, QueueFull or EngineDraining."""
-        self._validate(request)
-        key = self.adapters.key_of(request.adapter_id) if request.adapter_id else None
+        key = self._validate(request)
         handle = RequestHandle(request)
         seq = Sequence(handle, key, list(request.prompt_token_ids), len(request.prompt_token_ids), request_seed(request.params))
         with self._lock:
@@ -134,7 +134,8 @@ class Engine:
             self._wake.notify()
         return handle
 
-    def _validate(self, request: GenerationRequest) -> None:
+    def _validate(self, request: GenerationRequest):
+        """The request's adapter key (None: the base model), once the request is valid."""
         ids, p = request.prompt_token_ids, request.params
         if not isinstance(p, SamplingParams):
             raise InvalidRequest("params must be SamplingParams")
@@ -149,8 +150,12 @@ class Engine:
             raise InvalidRequest(f"max_new_tokens {p.max_new_tokens} is over the limit {self.config.max_new_tokens}")
         if len(ids) + p.max_new_tokens > self.max_context:
             raise InvalidRequest(f"prompt ({len(ids)}) + max_new_tokens ({p.max_new_tokens}) exceed the context of {self.max_context} tokens")
-        if request.adapter_id and request.adapter_id not in self.adapters:
-            raise UnknownAdapter(f"adapter {request.adapter_id!r} not found")
+        if request.adapters:
+            try:
+                return self.adapters.mixture_key(request.adapters)  # UnknownAdapter for an unknown part
+            except AdapterError as e:
+                raise InvalidRequest(str(e)) from None
+        return self.adapters.key_of(request.adapter_id) if request.adapter_id else None
 
     def generate(self, request: GenerationRequest, timeout: float | None = None) -> FinishEvent:
         return self.submit(request).result(timeout)
@@ -257,7 +262,7 @@ class Engine:
         self._expire()
         plan = self.scheduler.schedule()
         for seq in self.scheduler.adapter_gone:
-            self._finish(seq, FINISH_ADAPTER_GONE, f"adapter {seq.adapter_key[0]!r} was unloaded before the request started")
+            self._finish(seq, FINISH_ADAPTER_GONE, f"adapter {describe(seq.adapter_key)} was unloaded before the request started")
         self.scheduler.adapter_gone.clear()
         self._count_admitted()
         if not plan:
@@ -307,9 +312,8 @@ class Engine:
             elif seq.adapter_key is not None and not seq.admitted:
                 error = self.adapters.load_error(seq.adapter_key)
                 if error is not None:
-                    gone = seq.adapter_key[0] not in self.adapters
-                    reason = FINISH_ADAPTER_GONE if gone else FINISH_ERROR
-                    self._finish(seq, reason, f"adapter {seq.adapter_key[0]!r} failed to load: {error}")
+                    reason = FINISH_ADAPTER_GONE if self.adapters.is_gone(seq.adapter_key) else FINISH_ERROR
+                    self._finish(seq, reason, f"adapter {describe(seq.adapter_key)} failed to load: {error}")
 
     def _count_admitted(self) -> None:
         with self._lock:

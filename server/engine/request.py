@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from loraplex.adapters.errors import AdapterError
+from loraplex.adapters.mixture import check_parts
 from loraplex.adapters.store import ID_PATTERN
 from loraplex.server.engine.errors import InvalidRequest
 
@@ -111,11 +113,13 @@ class FinishEvent:
 
 @dataclass
 class GenerationRequest:
-    """A request as submitted. `adapter_id` None or "" = base model."""
+    """A request as submitted. `adapter_id` None or "" = base model. `adapters`: a
+    mixture, (adapter id, weight) per part (adapters/mixture.py), exclusive with adapter_id."""
 
     prompt_token_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     adapter_id: str | None = None
+    adapters: tuple[tuple[str, float], ...] = ()  # a mixture: Σ weight · ΔW(adapter id)
     deadline: float | None = None  # time.monotonic() after which the request ends with FINISH_DEADLINE
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     arrival: float = field(default_factory=time.monotonic)
@@ -125,9 +129,24 @@ class GenerationRequest:
         the model are the engine's questions (at submit)."""
         if not self.adapter_id:
             self.adapter_id = None
-        elif not ID_PATTERN.fullmatch(self.adapter_id) or ".." in self.adapter_id:
-            raise InvalidRequest(f"adapter id {_shown(self.adapter_id)!r} is malformed: 1-128 letters, digits, '.', '_', '-', "
-                                 "starting with a letter or digit, without '..'")  # fmt: skip
+        else:
+            _check_id(self.adapter_id)
+        self.adapters = tuple((i, w) for i, w in self.adapters)
+        if self.adapters:
+            if self.adapter_id is not None:
+                raise InvalidRequest("adapter_id and adapters are exclusive: name one adapter, or a mixture of several")
+            for i, _ in self.adapters:
+                _check_id(i)
+            try:
+                check_parts(self.adapters)
+            except AdapterError as e:
+                raise InvalidRequest(str(e)) from None
+
+
+def _check_id(adapter_id: str) -> None:
+    if not ID_PATTERN.fullmatch(adapter_id) or ".." in adapter_id:
+        raise InvalidRequest(f"adapter id {_shown(adapter_id)!r} is malformed: 1-128 letters, digits, '.', '_', '-', "
+                             "starting with a letter or digit, without '..'")  # fmt: skip
 
 
 class RequestHandle:

@@ -68,7 +68,8 @@ def generation_request_from_pb(pb: generate_pb2.GenerateRequest, service, deadli
     """`service`: the Service (it tokenizes); `deadline`: a time.monotonic() value (from the
     client's gRPC deadline) or None."""
     params = sampling_params_from_pb(pb.params)
-    return service.request(prompt_from_pb(pb), params, adapter_id=pb.adapter_id or None, deadline=deadline)
+    adapters = tuple((a.adapter_id, a.weight) for a in pb.adapters)  # a mixture; both set: GenerationRequest refuses
+    return service.request(prompt_from_pb(pb), params, adapter_id=pb.adapter_id or None, deadline=deadline, adapters=adapters)
 
 
 def finish_reason_to_pb(reason: str) -> int:

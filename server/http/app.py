@@ -86,6 +86,13 @@ class _EventStream(StreamingResponse):
                 self._handle.cancel()
 
 
+async def _cancel_on_disconnect(request: Request, handle: RequestHandle) -> None:
+    """Cancels `handle` when the client disconnects (the body is read: receive() waits for that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    handle.cancel()
+
+
 def _sse(data) -> bytes:
     return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
@@ -182,20 +189,20 @@ def create_app(service: Service, access: Access, metrics=None, max_body_bytes: i
         return schemas.model_list(service.models(), schemas.now())
 
     @app.post("/v1/completions", dependencies=[Depends(client)])
-    async def completions(body: schemas.CompletionRequest):
+    async def completions(body: schemas.CompletionRequest, request: Request):
         body.check_supported()
         adapter_id = service.adapter_for_model(body.model)
         prompt = service.encode(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)
         max_tokens = schemas.COMPLETIONS_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
-        return await _generate(body, prompt, adapter_id, max_tokens, chat=False)
+        return await _generate(body, prompt, adapter_id, max_tokens, request, chat=False)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(client)])
-    async def chat_completions(body: schemas.ChatCompletionRequest):
+    async def chat_completions(body: schemas.ChatCompletionRequest, request: Request):
         body.check_supported()
         adapter_id = service.adapter_for_model(body.model)
         prompt = service.encode_chat([m.as_dict() for m in body.messages])
         max_tokens = service.remaining_tokens(len(prompt)) if body.max_new_tokens is None else body.max_new_tokens
-        return await _generate(body, prompt, adapter_id, max_tokens, chat=True)
+        return await _generate(body, prompt, adapter_id, max_tokens, request, chat=True)
 
     @app.post("/v1/load_lora_adapter", dependencies=[Depends(admin)])
     async def load_lora_adapter(body: schemas.LoadLoraRequest):
@@ -207,17 +214,20 @@ def create_app(service: Service, access: Access, metrics=None, max_body_bytes: i
         service.unload(body.lora_name)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
-    async def _generate(body, prompt: list[int], adapter_id: str | None, max_tokens: int, chat: bool):
-        handle = service.submit(service.request(prompt, body.sampling_params(max_tokens), adapter_id))
+    async def _generate(body, prompt: list[int], adapter_id: str | None, max_tokens: int, request: Request, chat: bool):
+        mixture = body.mixture(adapter_id)
+        handle = service.submit(service.request(prompt, body.sampling_params(max_tokens), adapter_id, adapters=mixture))
         events = handle_events(handle, service.observer(handle))
         rid, created = schemas.new_id("chatcmpl" if chat else "cmpl"), schemas.now()
         if body.stream:
             return _EventStream(_stream(events, rid, created, body, chat), handle)
         finish = None
+        gone = asyncio.create_task(_cancel_on_disconnect(request, handle))  # the client may leave before the answer
         try:
             async for event in events:
                 finish = event if isinstance(event, FinishEvent) else finish
         finally:
+            gone.cancel()
             await events.aclose()
         err = errors.error_for_finish(finish)
         if err is not None:

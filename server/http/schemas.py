@@ -17,7 +17,7 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
 from loraplex.server.engine.errors import InvalidRequest
 from loraplex.server.engine.request import FINISH_LENGTH, FINISH_STOP, FinishEvent, SamplingParams
@@ -42,6 +42,11 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class AdapterWeight(_Strict):
+    adapter_id: StrictStr
+    weight: StrictFloat | StrictInt
+
+
 class _Sampling(_Strict):
     model: StrictStr
     temperature: float | None = None
@@ -56,6 +61,7 @@ class _Sampling(_Strict):
     top_k: StrictInt | None = None  # extension: 0 or unset = off
     ignore_eos: bool = False  # extension
     return_token_ids: bool = False  # extension: each choice carries `token_ids`
+    adapters: list[AdapterWeight] | None = None  # extension: a mixture Σ weight·ΔW, with `model` the base model
 
     def check_supported(self) -> None:
         if self.n not in (None, 1):
@@ -77,6 +83,16 @@ class _Sampling(_Strict):
             ignore_eos=self.ignore_eos,
         )
         return SamplingParams(**kwargs)
+
+    def mixture(self, adapter_id: str | None) -> tuple[tuple[str, float], ...]:
+        """The `adapters` mixture as (adapter id, weight) parts; `adapter_id`: the adapter
+        `model` names (None: the base), exclusive with a mixture."""
+        if not self.adapters:
+            return ()
+        if adapter_id is not None:
+            raise BadParameter("adapters", f"adapters (a mixture) and a model naming an adapter ({self.model!r}) are "
+                                           "exclusive: with adapters, set model to the base model")  # fmt: skip
+        return tuple((a.adapter_id, float(a.weight)) for a in self.adapters)
 
     @property
     def include_usage(self) -> bool:

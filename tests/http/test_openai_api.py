@@ -204,6 +204,33 @@ def test_disconnect_mid_stream_frees_everything(http_live):
         assert scraped[(gauge, ())] == 0, gauge
 
 
+def test_a_client_leaving_before_a_whole_answer_cancels_it(http_live):
+    from loraplex.server.engine.request import FINISH_CANCELLED
+
+    finished = []
+    submit = http_live.engine.submit
+
+    def recording(request):
+        handle = submit(request)
+        finished.append(handle)
+        return handle
+
+    http_live.engine.submit = recording
+    try:
+        u = urlparse(http_live.base_url)
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+        conn.request("POST", "/v1/completions", json.dumps({"model": "shout", "prompt": PROMPT, "max_tokens": 400,
+                                                            "ignore_eos": True}), {"Content-Type": "application/json"})  # fmt: skip
+        http_live.wait_for(lambda: http_live.engine.stats().running == 1, 10, "the request running")
+        conn.sock.shutdown(socket.SHUT_RDWR)  # gone before the (non-streamed) answer
+        conn.close()
+        http_live.wait_idle(10)
+    finally:
+        del http_live.engine.submit
+    (handle,) = finished
+    assert handle.finished.finish_reason == FINISH_CANCELLED and handle.finished.generated_tokens < 400
+
+
 def test_fifty_concurrent_streams_all_finish(http_live):
     async def run():
         async with openai.AsyncOpenAI(base_url=http_live.base_url, api_key="x", max_retries=0, timeout=120) as c:

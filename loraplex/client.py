@@ -23,7 +23,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -127,7 +127,8 @@ class LoraplexClient:
     # -- generation -------------------------------------------------------------------------
     def generate(self, prompt: str | Sequence[int], adapter_id: str = "", *, timeout: float | None = ..., **params) -> GenerateResult:
         """`prompt`: text, or token ids. `params`: max_new_tokens, temperature, top_k, top_p,
-        seed, stop, stop_token_ids, ignore_eos (see SamplingParameters in generate.proto)."""
+        seed, stop, stop_token_ids, ignore_eos (see SamplingParameters in generate.proto), and
+        adapters={id: weight} for a per-request mixture instead of adapter_id."""
         request = build_request(prompt, adapter_id, **params)
         response = self._gen.Generate(request, timeout=self._timeout(timeout), metadata=self._gen_metadata)
         return GenerateResult(
@@ -252,7 +253,9 @@ def build_request(
     stop: Sequence[str] = (),
     stop_token_ids: Sequence[int] = (),
     ignore_eos: bool = False,
+    adapters: Mapping[str, float] | None = None,
 ) -> generate_pb2.GenerateRequest:
+    """adapters: a per-request mixture {adapter id: weight} (instead of adapter_id)."""
     params = generate_pb2.SamplingParameters(
         temperature=temperature, top_k=top_k, stop=list(stop), stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos
     )
@@ -263,6 +266,8 @@ def build_request(
     if seed is not None:
         params.seed = seed
     request = generate_pb2.GenerateRequest(adapter_id=adapter_id or "", params=params)
+    for part, weight in (adapters or {}).items():
+        request.adapters.add(adapter_id=part, weight=weight)
     if isinstance(prompt, str):
         request.text = prompt
     else:

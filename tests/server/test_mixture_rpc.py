@@ -38,11 +38,17 @@ def test_mixture_over_grpc(running):
         stub = generate_pb2_grpc.GenerationStub(channel)
         got = stub.Generate(_request(ids, MIXTURE), timeout=30)
         assert list(got.token_ids) == list(want.token_ids) and got.text == want.text
+    from loraplex.client import LoraplexClient
+
+    with LoraplexClient(running.target, timeout=30) as client:  # the Python client's adapters={id: weight}
+        assert list(client.generate(ids, adapters=dict(MIXTURE), max_new_tokens=10, ignore_eos=True).token_ids) == list(want.token_ids)
+    with grpc.insecure_channel(running.target) as channel:
+        stub = generate_pb2_grpc.GenerationStub(channel)
         with pytest.raises(grpc.RpcError) as e:
             stub.Generate(_request(ids, MIXTURE, adapter_id="alpha"), timeout=10)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "adapter_id and adapters are exclusive" in e.value.details()
         with pytest.raises(grpc.RpcError) as e:
             stub.Generate(_request(ids, (("alpha", 1.0), ("no-such", 1.0))), timeout=10)
         assert e.value.code() == grpc.StatusCode.NOT_FOUND and "no-such" in e.value.details()
-    assert _mixture_requests(running) - before == 2  # the NOT_FOUND one is counted too, as for single adapters
+    assert _mixture_requests(running) - before == 3  # the NOT_FOUND one is counted too, as for single adapters
     running.wait_idle()

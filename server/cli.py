@@ -115,6 +115,12 @@ requests get UNAVAILABLE (HTTP 503), running ones finish within --shutdown-grace
 cancelled), and the process exits 0. A second signal exits at once (status 1).""",
         formatter_class=_HelpFormatter,
     )
+    add_serve_flags(p)
+    p.set_defaults(func=_serve)
+
+
+def add_serve_flags(p) -> None:
+    """The flags of `serve`, shared by `serve-ray`."""
     p.add_argument("--model", type=Path, default=None, help="Hugging Face model directory (default: the bundled tiny-llama)")
     p.add_argument("--adapter-root", type=Path, default=None,
                    help=f"directory of PEFT adapter directories; uploads are stored here (default: ${ENV_ADAPTER_ROOT} or {default_adapter_root()})")
@@ -166,7 +172,6 @@ cancelled), and the process exits 0. A second signal exits at once (status 1).""
                    help="NF4 base matmul: bitsandbytes, or our fused Triton kernel (auto: where its shape policy picks it)")
     p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds running requests get to finish on SIGTERM")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-    p.set_defaults(func=_serve)
 
 
 def serve_config_from_args(args):
@@ -264,6 +269,74 @@ def _serve(args) -> int:
         pass
     log.info("draining (grace %.1fs)", config.shutdown_grace_s)
     server.stop(config.shutdown_grace_s)
+    print("loraplex stopped", flush=True)
+    return 0
+
+
+# -- serve-ray ------------------------------------------------------------------------------
+def _add_serve_ray(sub) -> None:
+    p = sub.add_parser(
+        "serve-ray",
+        help="run replicas of the server on Ray Serve (the `ray` extra)",
+        description="""\
+Serve the same model and adapters as `serve`, as --replicas replicas on Ray Serve
+(loraplex.deploy): each replica is one engine on one GPU (--num-gpus-per-replica)
+or a share of the CPU. Requests are routed by adapter through Ray Serve model
+multiplexing: send the adapter in the header 'serve_multiplexed_model_id' for
+replica affinity (the body's `model` still decides what is served). Adapters live
+in the shared --adapter-root that every replica reads: an upload through any
+replica is served by all, an unload or replace reaches all at their next request.
+The HTTP API is Ray Serve's proxy on --host/--http-port; --port is unused (no gRPC
+through Ray: see README). Each replica serves its own Prometheus metrics (label
+`replica`) on --replica-metrics-port (0 = any free port; --metrics-sd-dir writes
+Prometheus file_sd targets). With --ray-address, joins that cluster (`ray start
+--head` on the first machine); otherwise starts a local Ray instance.""",
+        formatter_class=_HelpFormatter,
+    )
+    add_serve_flags(p)
+    r = p.add_argument_group("ray")
+    r.add_argument("--replicas", type=int, default=1, help="engine replicas")
+    r.add_argument("--num-gpus-per-replica", type=float, default=0.0, help="GPUs per replica (1 for one engine per GPU)")
+    r.add_argument("--num-cpus-per-replica", type=float, default=None, help="CPUs per replica (default 1; fractions share a CPU)")
+    r.add_argument("--ray-address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local instance)")
+    r.add_argument("--ray-num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    r.add_argument("--replica-metrics-port", type=int, default=0, help="each replica's Prometheus port (0 = any free port)")
+    r.add_argument("--metrics-sd-dir", default=None, help="directory for Prometheus file_sd target files, one per replica")
+    r.add_argument("--app-name", default="loraplex", help="the Ray Serve application name")
+    p.set_defaults(func=_serve_ray)
+
+
+def _serve_ray(args) -> int:
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import ray
+        from ray import serve
+
+        from loraplex.deploy import build_app
+    except ImportError as e:
+        print(f"loraplex serve-ray needs the ray extra (pip install 'loraplex[ray]'): {e}", file=sys.stderr)
+        return 2
+    try:
+        application = build_app(args)
+    except ValueError as e:
+        print(f"loraplex serve-ray: {e}", file=sys.stderr)
+        return 2
+    address = args.ray_address or os.environ.get("RAY_ADDRESS")
+    ray.init(address=address, num_cpus=None if address else args.ray_num_cpus, include_dashboard=False)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": args.host, "port": 8000 if args.http_port is None else args.http_port})
+        serve.run(application, name=args.app_name, route_prefix="/")
+        print(f"loraplex serving {args.replicas} replica(s) on Ray Serve: http://{args.host}:{args.http_port}/v1", flush=True)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        serve.delete(args.app_name)
+        if not address:
+            serve.shutdown()
+        ray.shutdown()
     print("loraplex stopped", flush=True)
     return 0
 
@@ -413,8 +486,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     from loraplex import __version__
 
     parser.add_argument("--version", action="version", version=f"loraplex {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,generate,adapters,train}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,serve-ray,generate,adapters,train}")
     _add_serve(sub)
+    _add_serve_ray(sub)
     _add_generate(sub)
     _add_adapters(sub)
     _add_train(sub, wanted=bool(argv) and argv[0] == "train")

@@ -1,0 +1,209 @@
+"""One Ray Serve replica: one loraplex engine (one GPU, or a share of the CPU), its
+service over the shared adapter root (shared_store.py), the OpenAI-compatible HTTP app
+of server/http/app.py mounted with `@serve.ingress`, and its own Prometheus endpoint.
+
+Routing: the multiplexed model is the adapter. Ray Serve sends a request that carries a
+multiplexed model id (HTTP header `serve_multiplexed_model_id`, or
+`handle.options(multiplexed_model_id=...)`) to a replica that holds it, else to the
+least loaded one; requests without one go to any replica. On the replica, `_Multiplexed`
+reads the adapter from the body's `model` (the header, when given, must name the same
+model for the routing to help) and awaits the multiplexed loader, which makes the adapter
+current on this replica (SharedStoreService.sync, in a thread) and so lets Ray Serve
+report it as held here. The loader's LRU holds `adapter_slots` ids
+(`max_num_models_per_replica`): what Ray routes to a replica is what its device pool holds.
+
+Metrics: every series of this replica's registry gets a `replica` label (Ray Serve's
+replica id) and is served by prometheus_client on its own port (any free one unless
+`metrics_port` is set); with `metrics_sd_dir` the replica writes a Prometheus file_sd
+target file `<dir>/<replica>.json` there, removed when the replica stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.registry import Collector
+from ray import serve
+
+log = logging.getLogger(__name__)
+
+REPLICA_HEADER = b"x-loraplex-replica"
+_MODEL_ROUTES = ("/v1/completions", "/v1/chat/completions")
+
+
+class LabelledRegistry(Collector):
+    """Every sample of `registry`, with `labels` added."""
+
+    def __init__(self, registry, labels: dict[str, str]):
+        self._registry, self._labels = registry, labels
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        for family in self._registry.collect():
+            family.samples = [s._replace(labels={**s.labels, **self._labels}) for s in family.samples]
+            yield family
+
+
+class _Multiplexed:
+    """ASGI middleware: awaits the multiplexed loader for the adapter a generation body's
+    `model` names, then replays the body to the app; tags responses with the replica."""
+
+    def __init__(self, app, replica: "LoraplexReplica", max_body_bytes: int):
+        self.app, self.replica, self.max_body_bytes = app, replica, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        tag = (REPLICA_HEADER, self.replica.replica_id.encode())
+
+        async def tagged_send(message):
+            if message["type"] == "http.response.start":
+                message = dict(message, headers=list(message.get("headers") or ()) + [tag])
+            await send(message)
+
+        length = dict(scope.get("headers") or ()).get(b"content-length", b"")
+        if scope.get("method") != "POST" or scope.get("path") not in _MODEL_ROUTES or \
+                not length.isdigit() or int(length) > self.max_body_bytes:  # fmt: skip
+            return await self.app(scope, receive, tagged_send)  # the app answers (413, 422, ...)
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        await self.replica.make_current(_model_of(body))
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, tagged_send)
+
+
+def _model_of(body: bytes) -> str | None:
+    try:
+        model = json.loads(body).get("model")
+    except (ValueError, AttributeError):
+        return None  # the route answers 422
+    return model if isinstance(model, str) else None
+
+
+@serve.deployment
+@serve.ingress()
+class LoraplexReplica:
+    def __init__(self, config, metrics_port: int | None = 0, metrics_sd_dir: str | None = None):
+        """`config`: a ServeConfig; its engine.adapter_root is the shared adapter root."""
+        from prometheus_client import start_http_server
+
+        from loraplex.adapters.store import AdapterStore
+        from loraplex.deploy.shared_store import SharedStoreService
+        from loraplex.server.engine.engine import Engine
+        from loraplex.server.metrics import ServerMetrics
+        from loraplex.server.service import Access
+        from loraplex.startup import quiet_bitsandbytes
+
+        quiet_bitsandbytes()
+        context = serve.get_replica_context()
+        self.replica_id = context.replica_id.unique_id
+        self.actor_name = context.replica_id.to_full_id_str()
+        self.config = config
+        root = Path(config.engine.adapter_root)
+        # adapters register lazily, on their first request (shared_store.py), not at start
+        self.engine = Engine.from_config(dataclasses.replace(config.engine, adapter_root=None))
+        self.engine.start()
+        store_kwargs = {} if config.max_upload_bytes is None else {"max_upload_bytes": config.max_upload_bytes}
+        self.store = AdapterStore(root, **store_kwargs)
+        self.metrics = ServerMetrics(self.engine, max_adapter_series=config.metrics_max_adapters)
+        self.service = SharedStoreService(self.engine, self.store, self.metrics, served_model_name=config.served_model_name)
+        self.access = Access(config.admin_token, config.api_tokens, config.insecure_admin)
+        self.engine.warmup()
+
+        async def load_adapter(adapter_id: str) -> str:  # the multiplexed model: the adapter, current here
+            if not await asyncio.to_thread(self.service.sync, adapter_id):
+                raise KeyError(adapter_id)
+            return adapter_id
+
+        self._resident = serve.multiplexed(max_num_models_per_replica=self.engine.adapters.num_slots)(load_adapter)
+        labelled = CollectorRegistry(auto_describe=False)
+        labelled.register(LabelledRegistry(self.metrics.registry, {"replica": self.replica_id}))
+        self._metrics_http = None
+        self._sd_file = None
+        if metrics_port is not None:
+            host = "0.0.0.0" if config.host in ("0.0.0.0", "::") else config.host
+            self._metrics_http, _ = start_http_server(metrics_port, addr=host, registry=labelled)
+            self.metrics_port = self._metrics_http.server_port
+            if metrics_sd_dir is not None:
+                self._sd_file = Path(metrics_sd_dir) / f"{self.replica_id}.json"
+                self._sd_file.parent.mkdir(parents=True, exist_ok=True)
+                target = f"{socket.gethostname() if host == '0.0.0.0' else host}:{self.metrics_port}"
+                tmp = self._sd_file.with_suffix(".tmp")
+                tmp.write_text(json.dumps([{"targets": [target], "labels": {"replica": self.replica_id}}]))
+                os.replace(tmp, self._sd_file)
+        log.info("replica %s serving (adapter slots: %d, metrics port: %s)", self.replica_id,
+                 self.engine.adapters.num_slots, getattr(self, "metrics_port", None))  # fmt: skip
+
+    def __serve_build_asgi_app__(self):
+        from loraplex.server.http.app import create_app
+
+        max_body = self.config.max_receive_message_bytes
+        return _Multiplexed(create_app(self.service, self.access, self.metrics, max_body_bytes=max_body), self, max_body)
+
+    async def make_current(self, model: str | None) -> None:
+        """Awaits the multiplexed loader for the adapter `model` names (nothing for the base
+        or an unknown model: the route answers 404)."""
+        adapter = self.service.adapter_named(model) if model else None
+        if adapter:
+            try:
+                await self._resident(adapter)
+            except Exception:  # noqa: BLE001 — not in the store, or invalid: the route says which
+                pass
+
+    # -- handle methods (Python callers; the tests) -------------------------------------------
+    async def upload(self, adapter_id: str, files: dict[str, bytes], replace: bool = False) -> dict:
+        """Commits an adapter to the shared store (once) and registers it here."""
+
+        def run():
+            with self.service.begin_upload(adapter_id, replace=replace) as up:
+                for name, data in files.items():
+                    up.write(name, data)
+                return dataclasses.asdict(up.commit())
+
+        return await asyncio.to_thread(run)
+
+    async def unload(self, adapter_id: str) -> None:
+        await asyncio.to_thread(self.service.unload, adapter_id)
+
+    def replica_info(self) -> dict:
+        s = self.engine.stats()
+        return dict(replica=self.replica_id, actor_name=self.actor_name, pid=os.getpid(),
+                    metrics_port=getattr(self, "metrics_port", None), registrations=self.service.registrations,
+                    adapter_loads=s.adapter_loads, adapter_evictions=s.adapter_evictions,
+                    resident=sorted(k[0] for k in self.engine.adapters.device.resident))  # fmt: skip
+
+    async def check_health(self) -> None:
+        thread = self.engine._thread
+        if thread is None or not thread.is_alive():
+            raise RuntimeError("the engine thread is not running")
+
+    def __del__(self):  # after the app's lifespan shutdown (serve.ingress's wrapper calls it)
+        self.engine.shutdown(min(self.config.shutdown_grace_s, 10.0))
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+        if self._sd_file is not None:
+            self._sd_file.unlink(missing_ok=True)

@@ -1,0 +1,262 @@
+"""loraplex on Ray Serve (loraplex.deploy), on one local Ray instance for the module:
+2 replicas of the bundled tiny model on half a CPU each, 6 adapters in a shared root, 2
+device slots (and so at most 2 multiplexed adapters) per replica. The tests run in file
+order; the last one kills a replica and the cleanup test shuts everything down.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import socket
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+
+import loraplex  # noqa: E402
+from lora_dirs import write_lora  # noqa: E402
+
+TINY = Path(loraplex.__file__).parent / "assets" / "tiny-llama"
+ADAPTERS = [f"a{i}" for i in range(6)]
+PROMPTS = ["The quick brown fox", "Once upon a time"]
+MAX_TOKENS = 8
+ENGINE = dict(device="cpu", quantize="nf4", adapter_slots=2, max_rank=16, kv_cache_tokens=2048, max_batch_tokens=256,
+              max_running=8, max_queue=32, max_new_tokens=64, cpu_threads=1, host_cache_mb=64)  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict, headers: dict | None = None, timeout: float = 60) -> tuple[int, dict | str, str]:
+    """(status, JSON body or text, replica) of a POST."""
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json", **(headers or {})})  # fmt: skip
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            status, raw, h = r.status, r.read().decode(), r.headers
+    except urllib.error.HTTPError as e:
+        status, raw, h = e.code, e.read().decode(), e.headers
+    parsed = json.loads(raw) if h.get("content-type", "").startswith("application/json") else raw
+    return status, parsed, h.get("x-loraplex-replica", "")
+
+
+class Cluster:
+    def __init__(self, root: Path, url: str, sd_dir: Path):
+        self.root, self.url, self.sd_dir = root, url, sd_dir
+
+    def complete(self, model: str, prompt: str, route: bool = True, timeout: float = 60, max_tokens: int = MAX_TOKENS):
+        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "return_token_ids": True,
+                "ignore_eos": True}
+        headers = {"serve_multiplexed_model_id": model} if route and model != "tiny-llama" else {}
+        return _post(self.url + "/v1/completions", body, headers, timeout)
+
+    def replicas(self) -> dict[str, dict]:
+        """Per replica (by id): its Prometheus series, from the file_sd targets it wrote."""
+        out = {}
+        for f in sorted(self.sd_dir.glob("*.json")):
+            (entry,) = json.loads(f.read_text())
+            with urllib.request.urlopen(f"http://{entry['targets'][0]}/metrics", timeout=10) as r:
+                text = r.read().decode()
+            values = {}
+            for line in text.splitlines():
+                if line.startswith("loraplex_adapter_") and "replica=" in line:
+                    name, value = line.rsplit(" ", 1)
+                    values[name.split("{")[0]] = float(value)
+            out[entry["labels"]["replica"]] = dict(values, text=text)
+        return out
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    from loraplex.deploy import build_app
+
+    root = tmp_path_factory.mktemp("shared-adapter-root")
+    sd_dir = tmp_path_factory.mktemp("metrics-sd")
+    for i, name in enumerate(ADAPTERS):
+        write_lora(root / name, rank=4, seed=100 + i)
+    port = _free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        args = dict(ENGINE, model=TINY, adapter_root=root, no_demo_adapters=True, replicas=2, num_cpus_per_replica=0.5,
+                    metrics_sd_dir=str(sd_dir), admin_token="deploy-admin")  # fmt: skip
+        serve.run(build_app(args), name="loraplex", route_prefix="/")
+        yield Cluster(root, f"http://127.0.0.1:{port}", sd_dir)
+    finally:
+        if ray.is_initialized():  # test_cleanup has not run (a failure before it)
+            serve.shutdown()
+            ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(cluster):
+    """Greedy tokens of a single-process engine, per (adapter, prompt)."""
+    from loraplex.server.engine.config import EngineConfig
+    from loraplex.server.engine.engine import Engine
+    from loraplex.server.engine.request import GenerationRequest, SamplingParams
+
+    e = {k: v for k, v in ENGINE.items() if k != "host_cache_mb"}
+    engine = Engine.from_config(EngineConfig(model_dir=TINY, adapter_root=cluster.root, **e))
+    engine.start()
+    try:
+        out = {}
+        for adapter in [None, *ADAPTERS]:
+            for prompt in PROMPTS:
+                ids = engine.tokenizer.encode(prompt)
+                done = engine.generate(GenerationRequest(ids, SamplingParams(max_new_tokens=MAX_TOKENS), adapter), timeout=60)
+                out[adapter, prompt] = list(done.token_ids)
+        return out
+    finally:
+        engine.shutdown(1.0)
+
+
+def test_tokens_match_single_process(cluster, reference):
+    for adapter in [None, *ADAPTERS]:
+        for prompt in PROMPTS:
+            status, body, _ = cluster.complete(adapter or "tiny-llama", prompt)
+            assert status == 200, body
+            assert body["choices"][0]["token_ids"] == reference[adapter, prompt], (adapter, prompt)
+    # without the routing header: any replica, the same tokens
+    status, body, _ = cluster.complete("a3", PROMPTS[0], route=False)
+    assert status == 200 and body["choices"][0]["token_ids"] == reference["a3", PROMPTS[0]]
+
+
+def test_streaming_through_the_proxy(cluster, reference):
+    body = {"model": "a1", "prompt": PROMPTS[1], "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True,
+            "return_token_ids": True}  # fmt: skip
+    req = urllib.request.Request(cluster.url + "/v1/completions", data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json", "serve_multiplexed_model_id": "a1"})  # fmt: skip
+    with urllib.request.urlopen(req, timeout=60) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line[6:] for line in r.read().decode().splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    tokens = [t for e in events[:-1] for t in json.loads(e)["choices"][0].get("token_ids", [])]
+    assert tokens == reference["a1", PROMPTS[1]]
+
+
+def test_affinity(cluster):
+    """After a warm-up, requests for one adapter land on the replica that holds it; loads
+    are bounded by adapters + evictions, not one per request."""
+    for adapter in ("a0", "a5"):
+        _, _, first = cluster.complete(adapter, PROMPTS[0])
+        time.sleep(0.5)  # the replica reports its multiplexed ids every 0.1 s
+        seen = {cluster.complete(adapter, PROMPTS[i % 2])[2] for i in range(8)}
+        assert seen == {first}, (adapter, first, seen)
+    replicas = cluster.replicas()
+    assert len(replicas) == 2
+    loads = sum(r["loraplex_adapter_loads_total"] for r in replicas.values())
+    evictions = sum(r["loraplex_adapter_evictions_total"] for r in replicas.values())
+    assert loads <= len(ADAPTERS) + evictions, (loads, evictions)
+    for rid, r in replicas.items():
+        assert f'replica="{rid}"' in r["text"]
+
+
+def test_upload_through_one_replica_is_served_by_both(cluster, tmp_path):
+    from loraplex.deploy.replica import LoraplexReplica  # noqa: F401 — the deployment the handle names
+
+    src = write_lora(tmp_path / "up", rank=4, seed=7)
+    files = {p.name: p.read_bytes() for p in src.iterdir()}
+    handle = serve.get_deployment_handle("LoraplexReplica", app_name="loraplex")
+    info = handle.upload.remote("uploaded", files).result(timeout_s=60)
+    assert info["adapter_id"] == "uploaded"
+    assert (cluster.root / "uploaded" / "adapter_config.json").exists()  # committed once, to the shared root
+    results = {}
+    for _ in range(12):  # no routing header: both replicas get some
+        status, body, replica = cluster.complete("uploaded", PROMPTS[0], route=False)
+        assert status == 200, body
+        results.setdefault(replica, set()).add(tuple(body["choices"][0]["token_ids"]))
+    assert len(results) == 2, results
+    assert len({t for ts in results.values() for t in ts}) == 1  # the same version everywhere
+
+
+def test_replace_and_unload_reach_every_replica(cluster, tmp_path):
+    before = {cluster.complete("uploaded", PROMPTS[1], route=False)[1]["choices"][0]["token_ids"].__repr__() for _ in range(6)}
+    assert len(before) == 1
+    src = write_lora(tmp_path / "v2", rank=4, seed=8)
+    handle = serve.get_deployment_handle("LoraplexReplica", app_name="loraplex")
+    handle.upload.remote("uploaded", {p.name: p.read_bytes() for p in src.iterdir()}, replace=True).result(timeout_s=60)
+    seen = {}
+    for _ in range(10):  # every request after the replace: the new version, on both replicas
+        _, body, replica = cluster.complete("uploaded", PROMPTS[1], route=False)
+        seen.setdefault(replica, set()).add(repr(body["choices"][0]["token_ids"]))
+    assert len(seen) == 2 and all(v.isdisjoint(before) and len(v) == 1 for v in seen.values()), (seen, before)
+    status, _ = _post(cluster.url + "/v1/unload_lora_adapter", {"lora_name": "uploaded"},
+                      {"Authorization": "Bearer deploy-admin"})[:2]  # fmt: skip
+    assert status == 200
+    assert not (cluster.root / "uploaded").exists()
+    for _ in range(6):
+        assert cluster.complete("uploaded", PROMPTS[0], route=False)[0] == 404
+
+
+def test_replica_killed_mid_run(cluster):
+    """In-flight requests finish or fail at once (never hang); Serve replaces the replica.
+    Ray Serve's HTTP proxy answers a request whose replica died with 500, not 503
+    (ray/serve/_private/http_util.py get_http_response_status: RayActorError → 500); a
+    503 needs an ingress deployment in front that maps it (README, Ray Serve)."""
+    _, _, victim = cluster.complete("a2", PROMPTS[0])
+    assert len(_replica_names()) == 2
+    actors = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].endswith("#" + victim)]
+    assert len(actors) == 1, actors
+    actor = ray.get_actor(actors[0]["name"], namespace=actors[0]["namespace"])
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(cluster.complete, "a2", PROMPTS[i % 2], True, 30, 60) for i in range(8)]
+        time.sleep(0.2)
+        ray.kill(actor, no_restart=True)
+        statuses = [f.result(timeout=45)[0] for f in futures]  # a hang fails here
+    assert set(statuses) <= {200, 500, 503}, statuses
+    print("in-flight statuses when the replica was killed:", statuses)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # Serve starts a new replica
+        names = _replica_names()
+        status = serve.status().applications["loraplex"].deployments["LoraplexReplica"]
+        if len(names) == 2 and not any(n.endswith("#" + victim) for n in names) and status.status == "HEALTHY":
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"the replica was not replaced: {_replica_names()} {serve.status()}")
+    served_by = set()
+    for i in range(6):
+        status, body, replica = cluster.complete(ADAPTERS[i], PROMPTS[0], route=False)
+        assert status == 200, body
+        served_by.add(replica)
+    assert victim not in served_by
+
+
+def _replica_names() -> list[str]:
+    """Named actors of the live replicas (a killed one's name is released)."""
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("SERVE_REPLICA::loraplex#")]
+
+
+def test_cleanup(cluster):
+    node = ray._private.worker._global_node
+    pids = [p.process.pid for procs in node.all_processes.values() for p in procs if p.process is not None]
+    assert pids
+    serve.shutdown()
+    ray.shutdown()
+    deadline = time.monotonic() + 20
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if _alive(p)]
+        time.sleep(0.2)
+    assert not alive
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is gone in all but name
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False

@@ -1,6 +1,6 @@
-"""loraplex on Ray Serve: N replicas of the engine, requests routed by adapter id through
-model multiplexing (replica.py), adapters in a shared store every replica reads
-(shared_store.py). Needs the `ray` extra: `pip install 'loraplex[ray]'`.
+"""loraplex on Ray Serve: N replicas of the engine (replica.py) behind a thin HTTP ingress
+that routes each request by its body's `model` through model multiplexing (router.py),
+adapters in a shared store every replica reads (shared_store.py). Needs the `ray` extra: `pip install 'loraplex[ray]'`.
 
     serve run loraplex.deploy:app replicas=2                  # or a config file (README)
     loraplex serve-ray --replicas 2 --num-gpus-per-replica 1  # the same, one command
@@ -21,6 +21,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 # flags of `loraplex serve-ray` that are not ServeConfig's
+ROUTER_CPUS = 0.1
 DEPLOY_KEYS = ("replicas", "num_gpus_per_replica", "num_cpus_per_replica", "replica_metrics_port", "metrics_sd_dir")
 
 
@@ -44,9 +45,11 @@ def serve_args(args: dict | None = None):
 
 
 def build_app(args: dict | None = None):
-    """A Ray Serve application of `replicas` loraplex replicas (the builder that
-    `serve run loraplex.deploy:app` calls with the config file's `args`)."""
+    """A Ray Serve application: the LoraplexRouter ingress in front of `replicas`
+    LoraplexReplica replicas (the builder that `serve run loraplex.deploy:app` calls with
+    the config file's `args`)."""
     from loraplex.deploy.replica import LoraplexReplica
+    from loraplex.deploy.router import LoraplexRouter
     from loraplex.server.app import seed_bundled_adapters
     from loraplex.server.cli import serve_config_from_args
 
@@ -64,15 +67,25 @@ def build_app(args: dict | None = None):
     cpus = float(ns.num_cpus_per_replica) if ns.num_cpus_per_replica is not None else 1.0
     replica_metrics_port = None if ns.no_metrics else ns.replica_metrics_port
     engine = config.engine
-    return LoraplexReplica.options(
+    per_replica = engine.max_running + engine.max_queue
+    replicas = LoraplexReplica.options(
         num_replicas=ns.replicas,
         ray_actor_options={"num_cpus": cpus, "num_gpus": gpus},
         # the engine queues and refuses (429) by itself: Ray only needs to let requests through
-        max_ongoing_requests=engine.max_running + engine.max_queue,
+        max_ongoing_requests=per_replica,
         graceful_shutdown_timeout_s=config.shutdown_grace_s,
         health_check_period_s=5.0,
         health_check_timeout_s=30.0,
     ).bind(config, replica_metrics_port, ns.metrics_sd_dir)
+    base_model = config.served_model_name or Path(config.engine.model_dir).name
+    # the HTTP ingress: routes by the body's `model` (router.py); it only forwards, so a
+    # tenth of a CPU, and it lets through whatever the replicas together would take
+    return LoraplexRouter.options(
+        num_replicas=1,
+        ray_actor_options={"num_cpus": ROUTER_CPUS},
+        max_ongoing_requests=max(100, 2 * per_replica * ns.replicas),
+        graceful_shutdown_timeout_s=config.shutdown_grace_s,
+    ).bind(replicas, base_model, config.max_receive_message_bytes)
 
 
 app = build_app  # `serve run loraplex.deploy:app [key=value ...]` or a config file's import_path

@@ -1,16 +1,20 @@
 """One Ray Serve replica: one loraplex engine (one GPU, or a share of the CPU), its
 service over the shared adapter root (shared_store.py), the OpenAI-compatible HTTP app
-of server/http/app.py mounted with `@serve.ingress`, and its own Prometheus endpoint.
+of server/http/app.py, and its own Prometheus endpoint.
+
+HTTP reaches a replica through the router (router.py), which routes by the body's
+`model`: `http(request)` / `http_stream(request)` run the request through this replica's
+ASGI app in process (the app's routes, validation, errors and metrics, unchanged) and
+return its response, or yield its start and body chunks.
 
 Routing: the multiplexed model is the adapter. Ray Serve sends a request that carries a
-multiplexed model id (HTTP header `serve_multiplexed_model_id`, or
-`handle.options(multiplexed_model_id=...)`) to a replica that holds it, else to the
-least loaded one; requests without one go to any replica. On the replica, `_Multiplexed`
-reads the adapter from the body's `model` (the header, when given, must name the same
-model for the routing to help) and awaits the multiplexed loader, which makes the adapter
-current on this replica (SharedStoreService.sync, in a thread) and so lets Ray Serve
-report it as held here. The loader's LRU holds `adapter_slots` ids
-(`max_num_models_per_replica`): what Ray routes to a replica is what its device pool holds.
+multiplexed model id (the router's `handle.options(multiplexed_model_id=...)`) to a
+replica that holds it, else to the least loaded one; requests without one go to any
+replica. On the replica, `_Multiplexed` reads the adapter from the body's `model` and
+awaits the multiplexed loader, which makes the adapter current on this replica
+(SharedStoreService.sync, in a thread) and so lets Ray Serve report it as held here.
+The loader's LRU holds `adapter_slots` ids (`max_num_models_per_replica`): what Ray
+routes to a replica is what its device pool holds.
 
 Metrics: every series of this replica's registry gets a `replica` label (Ray Serve's
 replica id) and is served by prometheus_client on its own port (any free one unless
@@ -104,7 +108,6 @@ def _model_of(body: bytes) -> str | None:
 
 
 @serve.deployment
-@serve.ingress()
 class LoraplexReplica:
     def __init__(self, config, metrics_port: int | None = 0, metrics_sd_dir: str | None = None):
         """`config`: a ServeConfig; its engine.adapter_root is the shared adapter root."""
@@ -157,11 +160,71 @@ class LoraplexReplica:
         log.info("replica %s serving (adapter slots: %d, metrics port: %s)", self.replica_id,
                  self.engine.adapters.num_slots, getattr(self, "metrics_port", None))  # fmt: skip
 
-    def __serve_build_asgi_app__(self):
         from loraplex.server.http.app import create_app
 
-        max_body = self.config.max_receive_message_bytes
-        return _Multiplexed(create_app(self.service, self.access, self.metrics, max_body_bytes=max_body), self, max_body)
+        max_body = config.max_receive_message_bytes
+        self.app = _Multiplexed(create_app(self.service, self.access, self.metrics, max_body_bytes=max_body), self, max_body)
+
+    # -- HTTP, from the router (router.py) ----------------------------------------------------
+    async def _drive(self, request: dict):
+        """The ASGI messages this replica's app sends for `request` (a scope's plain keys
+        and `body`); the app sees the client leave when the caller stops iterating."""
+        body = request["body"]
+        scope = {k: v for k, v in request.items() if k != "body"}
+        scope.setdefault("asgi", {"version": "3.0"})
+        scope["headers"] = [(bytes(k), bytes(v)) for k, v in scope.get("headers") or ()]
+        for key in ("client", "server"):
+            if scope.get(key) is not None:
+                scope[key] = tuple(scope[key])
+        messages: asyncio.Queue = asyncio.Queue()
+        gone = asyncio.Event()
+        sent = False
+
+        async def receive():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            await messages.put(message)
+
+        async def run():
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                await messages.put(None)
+
+        task = asyncio.create_task(run())
+        try:
+            while (message := await messages.get()) is not None:
+                yield message
+                if message["type"] == "http.response.body" and not message.get("more_body", False):
+                    break
+            await task  # the app's own errors surface here
+        finally:
+            gone.set()  # a stream the caller left: the app cancels its request
+
+    async def http(self, request: dict) -> dict:
+        """The response (status, headers, body) of this replica's app to `request`."""
+        status, headers, chunks = 500, [], []
+        async for message in self._drive(request):
+            if message["type"] == "http.response.start":
+                status, headers = message["status"], list(message.get("headers") or ())
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+        return {"status": status, "headers": headers, "body": b"".join(chunks)}
+
+    async def http_stream(self, request: dict):
+        """Streamed (handle.options(stream=True)): the response's start as a dict (status,
+        headers), then its body chunks (server-sent events) as they come."""
+        async for message in self._drive(request):
+            if message["type"] == "http.response.start":
+                yield {"status": message["status"], "headers": list(message.get("headers") or ())}
+            elif message["type"] == "http.response.body" and message.get("body"):
+                yield message["body"]
 
     async def make_current(self, model: str | None) -> None:
         """Awaits the multiplexed loader for the adapter `model` names (nothing for the base
@@ -200,7 +263,7 @@ class LoraplexReplica:
         if thread is None or not thread.is_alive():
             raise RuntimeError("the engine thread is not running")
 
-    def __del__(self):  # after the app's lifespan shutdown (serve.ingress's wrapper calls it)
+    def __del__(self):  # Ray Serve calls it when the replica stops
         self.engine.shutdown(min(self.config.shutdown_grace_s, 10.0))
         if self._metrics_http is not None:
             self._metrics_http.shutdown()

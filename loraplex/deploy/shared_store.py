@@ -54,6 +54,15 @@ def fingerprint(path: Path) -> Fingerprint | None:
     return tuple(out)
 
 
+def adapter_named(model: str, base_model: str) -> str | None:
+    """The adapter id a `model` name would mean (None: the base), without checking it:
+    the mapping of Service.adapter_for_model (`<base>:<adapter>` or `<adapter>`)."""
+    if model == base_model:
+        return None
+    base, sep, adapter = model.partition(":")
+    return adapter if sep and base == base_model else model
+
+
 class SharedStoreService(Service):
     """The service of one replica over a shared adapter root (module docstring)."""
 
@@ -74,10 +83,7 @@ class SharedStoreService(Service):
 
     def adapter_named(self, model: str) -> str | None:
         """The adapter id a `model` name would mean (None: the base), without checking it."""
-        if model == self.base_model:
-            return None
-        base, sep, adapter = model.partition(":")
-        return adapter if sep and base == self.base_model else model
+        return adapter_named(model, self.base_model)
 
     def sync(self, adapter_id: str) -> bool:
         """Makes this replica's registration of `adapter_id` match root/<id>; True when the

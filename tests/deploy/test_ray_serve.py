@@ -1,6 +1,9 @@
 """loraplex on Ray Serve (loraplex.deploy), on one local Ray instance for the module:
-2 replicas of the bundled tiny model on half a CPU each, 6 adapters in a shared root, 2
-device slots (and so at most 2 multiplexed adapters) per replica. The tests run in file
+the router (HTTP ingress, routes by the body's `model`) in front of 2 replicas of the
+bundled tiny model on half a CPU each, 6 adapters in a shared root, 2 device slots (and
+so at most 2 multiplexed adapters) per replica. HTTP requests carry no routing header
+unless a test says so; `Cluster.any_replica` goes around the router (a handle call with
+no multiplexed id) where a test needs both replicas to serve one adapter. The tests run in file
 order; the last one kills a replica and the cleanup test shuts everything down.
 """
 
@@ -50,15 +53,32 @@ def _post(url: str, body: dict, headers: dict | None = None, timeout: float = 60
     return status, parsed, h.get("x-loraplex-replica", "")
 
 
+def _body(model: str, prompt: str, max_tokens: int) -> dict:
+    return {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "return_token_ids": True,
+            "ignore_eos": True}
+
+
 class Cluster:
     def __init__(self, root: Path, url: str, sd_dir: Path):
         self.root, self.url, self.sd_dir = root, url, sd_dir
 
-    def complete(self, model: str, prompt: str, route: bool = True, timeout: float = 60, max_tokens: int = MAX_TOKENS):
-        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "return_token_ids": True,
-                "ignore_eos": True}
-        headers = {"serve_multiplexed_model_id": model} if route and model != "tiny-llama" else {}
-        return _post(self.url + "/v1/completions", body, headers, timeout)
+    def complete(self, model: str, prompt: str, header: bool = False, timeout: float = 60, max_tokens: int = MAX_TOKENS):
+        """Through Ray's proxy and the router; `header`: also send serve_multiplexed_model_id."""
+        headers = {"serve_multiplexed_model_id": model} if header and model != "tiny-llama" else {}
+        return _post(self.url + "/v1/completions", _body(model, prompt, max_tokens), headers, timeout)
+
+    def any_replica(self, model: str, prompt: str) -> tuple[int, dict, str]:
+        """The same request sent to any replica: LoraplexReplica.http through a handle with
+        no multiplexed id (Ray's power-of-two choice, not affinity)."""
+        raw = json.dumps(_body(model, prompt, MAX_TOKENS)).encode()
+        request = {"type": "http", "http_version": "1.1", "method": "POST", "scheme": "http", "path": "/v1/completions",
+                   "raw_path": b"/v1/completions", "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1),
+                   "server": ("127.0.0.1", 80), "body": raw,
+                   "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]}  # fmt: skip
+        handle = serve.get_deployment_handle("LoraplexReplica", app_name="loraplex")
+        r = handle.http.remote(request).result(timeout_s=60)
+        headers = dict(r["headers"])
+        return r["status"], json.loads(r["body"]), headers.get(b"x-loraplex-replica", b"").decode()
 
     def replicas(self) -> dict[str, dict]:
         """Per replica (by id): its Prometheus series, from the file_sd targets it wrote."""
@@ -126,32 +146,51 @@ def test_tokens_match_single_process(cluster, reference):
             status, body, _ = cluster.complete(adapter or "tiny-llama", prompt)
             assert status == 200, body
             assert body["choices"][0]["token_ids"] == reference[adapter, prompt], (adapter, prompt)
-    # without the routing header: any replica, the same tokens
-    status, body, _ = cluster.complete("a3", PROMPTS[0], route=False)
-    assert status == 200 and body["choices"][0]["token_ids"] == reference["a3", PROMPTS[0]]
+    # the routing header is not needed, and harmless; `<base>:<adapter>` names the adapter
+    for model in ("a3", "tiny-llama:a3"):
+        status, body, _ = cluster.complete(model, PROMPTS[0], header=True)
+        assert status == 200 and body["choices"][0]["token_ids"] == reference["a3", PROMPTS[0]]
+    # the replica's errors pass through the router as they are
+    assert cluster.complete("nope", PROMPTS[0])[0] == 404
+    status, body, replica = _post(cluster.url + "/v1/completions", {"model": "a1", "prompt": 3})
+    assert status in (400, 422) and "error" in body and replica, (status, body)
+    status, body, replica = _post(cluster.url + "/v1/completions", {"model": "a1", "prompt": "x" * (5 << 20)})
+    assert status == 413 and replica, (status, body)  # over the replicas' 4 MiB body cap
+    with urllib.request.urlopen(cluster.url + "/v1/models", timeout=30) as r:
+        assert {"tiny-llama", *ADAPTERS} <= {m["id"] for m in json.loads(r.read())["data"]}
 
 
-def test_streaming_through_the_proxy(cluster, reference):
+def test_streaming_through_the_router(cluster, reference):
+    """`stream: true`: the server-sent events come through the router chunk by chunk, from
+    the replica that holds the adapter."""
+    _, _, holder = cluster.complete("a1", PROMPTS[0])
+    time.sleep(0.5)  # the replica reports its multiplexed ids every 0.1 s
     body = {"model": "a1", "prompt": PROMPTS[1], "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True,
             "return_token_ids": True}  # fmt: skip
     req = urllib.request.Request(cluster.url + "/v1/completions", data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json", "serve_multiplexed_model_id": "a1"})  # fmt: skip
+                                 headers={"Content-Type": "application/json"})  # fmt: skip
     with urllib.request.urlopen(req, timeout=60) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers["x-loraplex-replica"] == holder
         events = [line[6:] for line in r.read().decode().splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     tokens = [t for e in events[:-1] for t in json.loads(e)["choices"][0].get("token_ids", [])]
     assert tokens == reference["a1", PROMPTS[1]]
 
 
-def test_affinity(cluster):
-    """After a warm-up, requests for one adapter land on the replica that holds it; loads
-    are bounded by adapters + evictions, not one per request."""
-    for adapter in ("a0", "a5"):
+def test_affinity_without_the_header(cluster):
+    """After a warm-up, requests naming an adapter only in the body's `model` land on the
+    replica that holds it (the router routes by `model`); loads are bounded by adapters +
+    evictions, not one per request."""
+    for adapter in ("a0", "a5", "tiny-llama:a4"):
         _, _, first = cluster.complete(adapter, PROMPTS[0])
+        assert first
         time.sleep(0.5)  # the replica reports its multiplexed ids every 0.1 s
         seen = {cluster.complete(adapter, PROMPTS[i % 2])[2] for i in range(8)}
         assert seen == {first}, (adapter, first, seen)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:  # concurrent requests too
+        seen = set(pool.map(lambda i: cluster.complete("a0", PROMPTS[i % 2])[2], range(8)))
+    assert len(seen) == 1, seen
     replicas = cluster.replicas()
     assert len(replicas) == 2
     loads = sum(r["loraplex_adapter_loads_total"] for r in replicas.values())
@@ -171,8 +210,8 @@ def test_upload_through_one_replica_is_served_by_both(cluster, tmp_path):
     assert info["adapter_id"] == "uploaded"
     assert (cluster.root / "uploaded" / "adapter_config.json").exists()  # committed once, to the shared root
     results = {}
-    for _ in range(12):  # no routing header: both replicas get some
-        status, body, replica = cluster.complete("uploaded", PROMPTS[0], route=False)
+    for _ in range(12):  # no multiplexed id: both replicas get some
+        status, body, replica = cluster.any_replica("uploaded", PROMPTS[0])
         assert status == 200, body
         results.setdefault(replica, set()).add(tuple(body["choices"][0]["token_ids"]))
     assert len(results) == 2, results
@@ -180,14 +219,14 @@ def test_upload_through_one_replica_is_served_by_both(cluster, tmp_path):
 
 
 def test_replace_and_unload_reach_every_replica(cluster, tmp_path):
-    before = {cluster.complete("uploaded", PROMPTS[1], route=False)[1]["choices"][0]["token_ids"].__repr__() for _ in range(6)}
+    before = {repr(cluster.any_replica("uploaded", PROMPTS[1])[1]["choices"][0]["token_ids"]) for _ in range(6)}
     assert len(before) == 1
     src = write_lora(tmp_path / "v2", rank=4, seed=8)
     handle = serve.get_deployment_handle("LoraplexReplica", app_name="loraplex")
     handle.upload.remote("uploaded", {p.name: p.read_bytes() for p in src.iterdir()}, replace=True).result(timeout_s=60)
     seen = {}
     for _ in range(10):  # every request after the replace: the new version, on both replicas
-        _, body, replica = cluster.complete("uploaded", PROMPTS[1], route=False)
+        _, body, replica = cluster.any_replica("uploaded", PROMPTS[1])
         seen.setdefault(replica, set()).add(repr(body["choices"][0]["token_ids"]))
     assert len(seen) == 2 and all(v.isdisjoint(before) and len(v) == 1 for v in seen.values()), (seen, before)
     status, _ = _post(cluster.url + "/v1/unload_lora_adapter", {"lora_name": "uploaded"},
@@ -195,25 +234,24 @@ def test_replace_and_unload_reach_every_replica(cluster, tmp_path):
     assert status == 200
     assert not (cluster.root / "uploaded").exists()
     for _ in range(6):
-        assert cluster.complete("uploaded", PROMPTS[0], route=False)[0] == 404
+        assert cluster.any_replica("uploaded", PROMPTS[0])[0] == 404
+    assert cluster.complete("uploaded", PROMPTS[0])[0] == 404
 
 
 def test_replica_killed_mid_run(cluster):
-    """In-flight requests finish or fail at once (never hang); Serve replaces the replica.
-    Ray Serve's HTTP proxy answers a request whose replica died with 500, not 503
-    (ray/serve/_private/http_util.py get_http_response_status: RayActorError → 500); a
-    503 needs an ingress deployment in front that maps it (README, Ray Serve)."""
+    """In-flight requests finish or fail at once with 503 (the router maps a dead replica
+    to it), never hang; Serve replaces the replica."""
     _, _, victim = cluster.complete("a2", PROMPTS[0])
     assert len(_replica_names()) == 2
     actors = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].endswith("#" + victim)]
     assert len(actors) == 1, actors
     actor = ray.get_actor(actors[0]["name"], namespace=actors[0]["namespace"])
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(cluster.complete, "a2", PROMPTS[i % 2], True, 30, 60) for i in range(8)]
+        futures = [pool.submit(cluster.complete, "a2", PROMPTS[i % 2], False, 30, 60) for i in range(8)]
         time.sleep(0.2)
         ray.kill(actor, no_restart=True)
         statuses = [f.result(timeout=45)[0] for f in futures]  # a hang fails here
-    assert set(statuses) <= {200, 500, 503}, statuses
+    assert set(statuses) <= {200, 503}, statuses
     print("in-flight statuses when the replica was killed:", statuses)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # Serve starts a new replica
@@ -226,7 +264,7 @@ def test_replica_killed_mid_run(cluster):
         pytest.fail(f"the replica was not replaced: {_replica_names()} {serve.status()}")
     served_by = set()
     for i in range(6):
-        status, body, replica = cluster.complete(ADAPTERS[i], PROMPTS[0], route=False)
+        status, body, replica = cluster.complete(ADAPTERS[i], PROMPTS[0])
         assert status == 200, body
         served_by.add(replica)
     assert victim not in served_by
@@ -234,7 +272,8 @@ def test_replica_killed_mid_run(cluster):
 
 def _replica_names() -> list[str]:
     """Named actors of the live replicas (a killed one's name is released)."""
-    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("SERVE_REPLICA::loraplex#")]
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith("SERVE_REPLICA::loraplex#LoraplexReplica#")]  # fmt: skip
 
 
 def test_cleanup(cluster):

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 import loraplex
-from live_server import LiveServer
+from live_server import LentEngine, LiveServer
 from lora_dirs import ALL_MODULES, lora_config, lora_tensors, module_shapes, safetensors_bytes, write_adapter, write_lora
 
 TINY = Path(loraplex.__file__).parent / "assets" / "tiny-llama"
@@ -70,29 +70,6 @@ def hardened(tmp_path_factory) -> Hardened:
         server.stop(2.0)
 
 
-class _LentEngine:
-    """The session's engine lent to another front end: its lifecycle calls do nothing,
-    so stopping that front end leaves the engine serving."""
-
-    def __init__(self, engine):
-        self._engine = engine
-
-    def __getattr__(self, name):
-        return getattr(self._engine, name)
-
-    def start(self) -> None:
-        pass
-
-    def warmup(self, timeout: float = 0.0) -> None:
-        pass
-
-    def drain(self) -> None:
-        pass
-
-    def shutdown(self, grace_s: float = 0.0) -> None:
-        pass
-
-
 @pytest.fixture
 def front_end(hardened):
     """front_end(**serve_config_fields) -> a started, SERVING LoraplexServer on the
@@ -106,7 +83,7 @@ def front_end(hardened):
     def make(**fields):
         fields.setdefault("metrics_port", None)
         config = dataclasses.replace(hardened.server.config, port=0, **fields)
-        server = LoraplexServer(config, engine=_LentEngine(hardened.engine))
+        server = LoraplexServer(config, engine=LentEngine(hardened.engine))
         started.append(server)
         server.start()
         server.warm_up()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import loraplex
-from live_server import LiveServer
+from live_server import LentEngine, LiveServer
 
 TINY = Path(loraplex.__file__).parent / "assets" / "tiny-llama"
 ADMIN_TOKEN = "http-admin-token"
@@ -74,33 +74,6 @@ def http_live(tmp_path_factory) -> HttpLive:
         server.stop(2.0)
 
 
-class _LentEngine:
-    """The session's engine lent to another front end: lifecycle calls do nothing;
-    `ready` can be overridden (a front end that is warming up)."""
-
-    def __init__(self, engine, ready: bool | None = None):
-        self._engine, self._ready = engine, ready
-
-    def __getattr__(self, name):
-        return getattr(self._engine, name)
-
-    @property
-    def ready(self):
-        return self._engine.ready if self._ready is None else self._ready
-
-    def start(self) -> None:
-        pass
-
-    def warmup(self, timeout: float = 0.0) -> None:
-        pass
-
-    def drain(self) -> None:
-        pass
-
-    def shutdown(self, grace_s: float = 0.0) -> None:
-        pass
-
-
 @pytest.fixture
 def front_end(http_live):
     """front_end(ready=None, **serve_config_fields) -> a started LoraplexServer on the
@@ -112,7 +85,7 @@ def front_end(http_live):
     def make(ready: bool | None = None, **fields):
         fields.setdefault("metrics_port", None)
         config = dataclasses.replace(http_live.server.config, port=0, http_port=0, **fields)
-        server = LoraplexServer(config, engine=_LentEngine(http_live.engine, ready))
+        server = LoraplexServer(config, engine=LentEngine(http_live.engine, ready))
         started.append(server)
         server.start()
         return server

@@ -51,3 +51,30 @@ class LiveServer:
             return s.running == 0 and s.queue_depth == 0 and s.kv_blocks_used == 0 and s.adapter_pins == 0
 
         self.wait_for(idle, timeout, "an idle engine")
+
+
+class LentEngine:
+    """The session's engine lent to another front end: lifecycle calls do nothing;
+    `ready` can be overridden (a front end that is warming up)."""
+
+    def __init__(self, engine, ready: bool | None = None):
+        self._engine, self._ready = engine, ready
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    @property
+    def ready(self):
+        return self._engine.ready if self._ready is None else self._ready
+
+    def start(self) -> None:
+        pass
+
+    def warmup(self, timeout: float = 0.0) -> None:
+        pass
+
+    def drain(self) -> None:
+        pass
+
+    def shutdown(self, grace_s: float = 0.0) -> None:
+        pass

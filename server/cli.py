@@ -286,10 +286,11 @@ multiplexing: send the adapter in the header 'serve_multiplexed_model_id' for
 replica affinity (the body's `model` still decides what is served). Adapters live
 in the shared --adapter-root that every replica reads: an upload through any
 replica is served by all, an unload or replace reaches all at their next request.
-The HTTP API is Ray Serve's proxy on --host/--http-port; --port is unused (no gRPC
-through Ray: see README). Each replica serves its own Prometheus metrics (label
-`replica`) on --replica-metrics-port (0 = any free port; --metrics-sd-dir writes
-Prometheus file_sd targets). With --ray-address, joins that cluster (`ray start
+The HTTP API is Ray Serve's proxy on --host/--http-port; loraplex.v1.Generation is
+Ray Serve's gRPC proxy on --grpc-port (none without it; --port is unused). Each
+replica serves its own Prometheus metrics (label `replica`) on
+--replica-metrics-port (0 = any free port; --metrics-sd-dir writes Prometheus
+file_sd targets). With --ray-address, joins that cluster (`ray start
 --head` on the first machine); otherwise starts a local Ray instance.""",
         formatter_class=_HelpFormatter,
     )
@@ -303,6 +304,7 @@ Prometheus file_sd targets). With --ray-address, joins that cluster (`ray start
     r.add_argument("--replica-metrics-port", type=int, default=0, help="each replica's Prometheus port (0 = any free port)")
     r.add_argument("--metrics-sd-dir", default=None, help="directory for Prometheus file_sd target files, one per replica")
     r.add_argument("--app-name", default="loraplex", help="the Ray Serve application name")
+    r.add_argument("--grpc-port", type=int, default=None, help="Ray Serve's gRPC proxy port for loraplex.v1.Generation")
     p.set_defaults(func=_serve_ray)
 
 
@@ -312,7 +314,7 @@ def _serve_ray(args) -> int:
         import ray
         from ray import serve
 
-        from loraplex.deploy import build_app
+        from loraplex.deploy import build_app, grpc_options
     except ImportError as e:
         print(f"loraplex serve-ray needs the ray extra (pip install 'loraplex[ray]'): {e}", file=sys.stderr)
         return 2
@@ -327,7 +329,8 @@ def _serve_ray(args) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
-        serve.start(http_options={"host": args.host, "port": 8000 if args.http_port is None else args.http_port})
+        serve.start(http_options={"host": args.host, "port": 8000 if args.http_port is None else args.http_port},
+                    grpc_options=grpc_options(args.grpc_port))
         serve.run(application, name=args.app_name, route_prefix="/")
         print(f"loraplex serving {args.replicas} replica(s) on Ray Serve: http://{args.host}:{args.http_port}/v1", flush=True)
         while not stop.wait(0.5):

@@ -4,8 +4,10 @@ adapters in a shared store every replica reads (shared_store.py). Needs the `ray
 
     serve run loraplex.deploy:app replicas=2                  # or a config file (README)
     loraplex serve-ray --replicas 2 --num-gpus-per-replica 1  # the same, one command
+    loraplex serve-ray --replicas 2 --grpc-port 9000          # also loraplex.v1.Generation over gRPC
 
     app = build_app({"replicas": 2, "num_cpus_per_replica": 0.5, "adapter_root": "/shared/adapters"})
+    serve.start(grpc_options=grpc_options(9000))             # gRPC: Ray Serve's gRPC proxy (grpc_bridge.py)
     serve.run(app, name="loraplex", route_prefix="/")
 
 `build_app` takes the flags of `loraplex serve-ray` as a dict (dashes as underscores:
@@ -22,7 +24,16 @@ log = logging.getLogger(__name__)
 
 # flags of `loraplex serve-ray` that are not ServeConfig's
 ROUTER_CPUS = 0.1
-DEPLOY_KEYS = ("replicas", "num_gpus_per_replica", "num_cpus_per_replica", "replica_metrics_port", "metrics_sd_dir")
+DEPLOY_KEYS = ("replicas", "num_gpus_per_replica", "num_cpus_per_replica", "replica_metrics_port", "metrics_sd_dir",
+               "grpc_port")  # fmt: skip
+
+
+def grpc_options(port: int | None, request_timeout_s: float | None = None):
+    """Ray Serve's gRPCOptions serving loraplex.v1.Generation on `port` (None: no gRPC),
+    for serve.start(grpc_options=...)."""
+    from loraplex.deploy import grpc_bridge
+
+    return grpc_bridge.grpc_options(port, request_timeout_s)
 
 
 def serve_args(args: dict | None = None):

@@ -5,7 +5,9 @@ of server/http/app.py, and its own Prometheus endpoint.
 HTTP reaches a replica through the router (router.py), which routes by the body's
 `model`: `http(request)` / `http_stream(request)` run the request through this replica's
 ASGI app in process (the app's routes, validation, errors and metrics, unchanged) and
-return its response, or yield its start and body chunks.
+return its response, or yield its start and body chunks. gRPC (loraplex.v1.Generation,
+through Ray Serve's gRPC proxy and the router) reaches `grpc_generate` /
+`grpc_generate_stream`, which run server/grpc/generation.py's servicer (grpc_bridge.py).
 
 Routing: the multiplexed model is the adapter. Ray Serve sends a request that carries a
 multiplexed model id (the router's `handle.options(multiplexed_model_id=...)`) to a
@@ -165,6 +167,12 @@ class LoraplexReplica:
         max_body = config.max_receive_message_bytes
         self.app = _Multiplexed(create_app(self.service, self.access, self.metrics, max_body_bytes=max_body), self, max_body)
 
+        from loraplex.server.grpc.auth import ClientAuthInterceptor
+        from loraplex.server.grpc.generation import GenerationServicer
+
+        self.grpc = GenerationServicer(self.service)  # gRPC through Ray's proxy (grpc_bridge.py)
+        self._grpc_auth = ClientAuthInterceptor(set(), config.api_tokens, config.admin_token)  # its check() only
+
     # -- HTTP, from the router (router.py) ----------------------------------------------------
     async def _drive(self, request: dict):
         """The ASGI messages this replica's app sends for `request` (a scope's plain keys
@@ -235,6 +243,39 @@ class LoraplexReplica:
                 await self._resident(adapter)
             except Exception:  # noqa: BLE001 — not in the store, or invalid: the route says which
                 pass
+
+    # -- gRPC, from the router (router.py, grpc_bridge.py) -------------------------------------
+    async def grpc_generate(self, request, metadata=()):
+        """loraplex.v1.Generation/Generate of a GenerateRequest, through this replica's
+        GenerationServicer: (None, "", GenerateResponse) or (status code name, details, None).
+        `metadata`: the client's `authorization` metadata (API tokens, as `serve` checks them)."""
+        from loraplex.deploy import grpc_bridge
+
+        if (refusal := self._grpc_auth.check(metadata)) is not None:
+            return refusal[0].name, refusal[1], None
+        await self._resident_for(request)
+        return await grpc_bridge.unary(self.grpc, request)
+
+    async def grpc_generate_stream(self, request, metadata=()):
+        """Streamed (handle.options(stream=True)): GenerateStreamResponse messages, then a
+        (status code name, details) tuple if the RPC ends with an error."""
+        from loraplex.deploy import grpc_bridge
+
+        if (refusal := self._grpc_auth.check(metadata)) is not None:
+            yield refusal[0].name, refusal[1]
+            return
+        await self._resident_for(request)
+        async for item in grpc_bridge.stream(self.grpc, request):
+            yield item
+
+    async def _resident_for(self, request) -> None:
+        """The multiplexed loader for the request's adapter_id (an unknown one: the
+        servicer answers NOT_FOUND)."""
+        if request.adapter_id:
+            try:
+                await self._resident(request.adapter_id)
+            except Exception as e:  # noqa: BLE001 — not in the store, or invalid: the servicer says which
+                log.debug("adapter %r not made resident: %s", request.adapter_id, e)
 
     # -- handle methods (Python callers; the tests) -------------------------------------------
     async def upload(self, adapter_id: str, files: dict[str, bytes], replace: bool = False) -> dict:

@@ -20,6 +20,13 @@ status, headers (`x-loraplex-replica` among them) and body back as they are, and
 A replica that dies under a request: 503 (`service_unavailable`, code `replica_died`)
 before the response began; a stream that had begun ends with `data: {"error": ...}`,
 as the app ends a stream that fails.
+
+gRPC: with Serve started with `grpc_options=grpc_bridge.grpc_options(port)`, Ray Serve's
+gRPC proxy calls `Generate` / `GenerateStream` here with the request proto; they route by
+`request.adapter_id` (the multiplexed id; none: any replica) to the replica's
+`grpc_generate` / `grpc_generate_stream` (grpc_bridge.py) and end the RPC with the status
+the replica's servicer chose (status.py's codes), set on Ray's `grpc_context`. A replica
+that dies under a call: UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -126,6 +133,52 @@ class LoraplexRouter:
             return await self._send_unavailable(send, e)
         await send({"type": "http.response.start", "status": response["status"], "headers": response["headers"]})
         await send({"type": "http.response.body", "body": response["body"], "more_body": False})
+
+    # -- gRPC: loraplex.v1.Generation through Ray Serve's gRPC proxy (grpc_bridge.py) -------
+    def _grpc_call(self, request, grpc_context):
+        """(handle, metadata): the replicas' handle routed by request.adapter_id (none:
+        any replica), and the client's `authorization` metadata for the replica to check."""
+        handle = self.replicas.options(multiplexed_model_id=request.adapter_id) if request.adapter_id else self.replicas
+        metadata = [(k, v) for k, v in (grpc_context.invocation_metadata() if grpc_context is not None else ())
+                    if k.lower() == "authorization"]  # fmt: skip
+        return handle, metadata
+
+    async def Generate(self, request, grpc_context=None):
+        """loraplex.v1.Generation/Generate: a GenerateRequest in, a GenerateResponse out."""
+        from loraplex.deploy.grpc_bridge import set_status
+
+        handle, metadata = self._grpc_call(request, grpc_context)
+        try:
+            code, details, response = await handle.grpc_generate.remote(request, metadata)
+        except self._unavailable as e:
+            log.warning("replica unavailable: %s", e)
+            code, details = "UNAVAILABLE", f"the replica serving this request is unavailable ({type(e).__name__}); retry"
+        if code is not None:
+            raise set_status(grpc_context, code, details)
+        return response
+
+    async def GenerateStream(self, request, grpc_context=None):
+        """loraplex.v1.Generation/GenerateStream: GenerateStreamResponse messages as the
+        replica's servicer yields them."""
+        from loraplex.deploy.grpc_bridge import set_status
+
+        handle, metadata = self._grpc_call(request, grpc_context)
+        gen = handle.options(stream=True).grpc_generate_stream.remote(request, metadata)
+        status = None
+        try:
+            async for item in gen:
+                if isinstance(item, tuple):
+                    status = item
+                    break
+                yield item
+        except self._unavailable as e:
+            log.warning("replica unavailable mid-stream: %s", e)
+            status = "UNAVAILABLE", f"the replica serving this stream is unavailable ({type(e).__name__})"
+        except BaseException:  # the client left (cancelled), or a replica bug
+            gen.cancel()
+            raise
+        if status is not None:
+            raise set_status(grpc_context, *status)
 
     async def _read_body(self, receive) -> tuple[bytes | None, bool]:
         """(body, complete): the body, or its first max_body_bytes + 1 bytes (complete False)."""

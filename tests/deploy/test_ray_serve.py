@@ -3,7 +3,8 @@ the router (HTTP ingress, routes by the body's `model`) in front of 2 replicas o
 bundled tiny model on half a CPU each, 6 adapters in a shared root, 2 device slots (and
 so at most 2 multiplexed adapters) per replica. HTTP requests carry no routing header
 unless a test says so; `Cluster.any_replica` goes around the router (a handle call with
-no multiplexed id) where a test needs both replicas to serve one adapter. The tests run in file
+no multiplexed id) where a test needs both replicas to serve one adapter. Serve also
+runs its gRPC proxy with loraplex.v1.Generation (Cluster.grpc_target). The tests run in file
 order; the last one kills a replica and the cleanup test shuts everything down.
 """
 
@@ -59,8 +60,8 @@ def _body(model: str, prompt: str, max_tokens: int) -> dict:
 
 
 class Cluster:
-    def __init__(self, root: Path, url: str, sd_dir: Path):
-        self.root, self.url, self.sd_dir = root, url, sd_dir
+    def __init__(self, root: Path, url: str, sd_dir: Path, grpc_target: str):
+        self.root, self.url, self.sd_dir, self.grpc_target = root, url, sd_dir, grpc_target
 
     def complete(self, model: str, prompt: str, header: bool = False, timeout: float = 60, max_tokens: int = MAX_TOKENS):
         """Through Ray's proxy and the router; `header`: also send serve_multiplexed_model_id."""
@@ -98,20 +99,20 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    from loraplex.deploy import build_app
+    from loraplex.deploy import build_app, grpc_options
 
     root = tmp_path_factory.mktemp("shared-adapter-root")
     sd_dir = tmp_path_factory.mktemp("metrics-sd")
     for i, name in enumerate(ADAPTERS):
         write_lora(root / name, rank=4, seed=100 + i)
-    port = _free_port()
+    port, grpc_port = _free_port(), _free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, grpc_options=grpc_options(grpc_port))
         args = dict(ENGINE, model=TINY, adapter_root=root, no_demo_adapters=True, replicas=2, num_cpus_per_replica=0.5,
                     metrics_sd_dir=str(sd_dir), admin_token="deploy-admin")  # fmt: skip
         serve.run(build_app(args), name="loraplex", route_prefix="/")
-        yield Cluster(root, f"http://127.0.0.1:{port}", sd_dir)
+        yield Cluster(root, f"http://127.0.0.1:{port}", sd_dir, f"127.0.0.1:{grpc_port}")
     finally:
         if ray.is_initialized():  # test_cleanup has not run (a failure before it)
             serve.shutdown()
@@ -138,6 +139,56 @@ def reference(cluster):
         return out
     finally:
         engine.shutdown(1.0)
+
+
+def test_grpc_bridge_runs_the_servicer_and_ends_its_calls():
+    """grpc_bridge (no Ray): the servicer's result or stream, its abort as (code, details),
+    and a stream the caller leaves ends the context (the servicer's handle.cancel)."""
+    import asyncio
+    import threading
+
+    import grpc
+
+    from loraplex.deploy import grpc_bridge
+
+    ended: list[threading.Event] = []  # one per stream: set by its context's end
+
+    class Servicer:
+        def Generate(self, request, context):
+            if request == "bad":
+                context.abort(grpc.StatusCode.NOT_FOUND, "adapter 'bad' not found")
+            return "response"
+
+        def GenerateStream(self, request, context):
+            cancelled = threading.Event()
+            ended.append(cancelled)
+            context.add_callback(cancelled.set)
+            for i in range(3 if request != "long" else 10**6):
+                if request == "bad" and i == 1:
+                    context.abort(grpc.StatusCode.INTERNAL, "generation failed")
+                if cancelled.is_set():
+                    return
+                yield i
+
+    async def collect(request, leave_after=None):
+        out = []
+        async for item in grpc_bridge.stream(Servicer(), request):
+            out.append(item)
+            if leave_after is not None and len(out) == leave_after:
+                break
+        return out
+
+    async def main():
+        assert await grpc_bridge.unary(Servicer(), "ok") == (None, "", "response")
+        assert await grpc_bridge.unary(Servicer(), "bad") == ("NOT_FOUND", "adapter 'bad' not found", None)
+        assert await collect("ok") == [0, 1, 2]
+        assert await collect("bad") == [0, ("INTERNAL", "generation failed")]
+        assert await collect("long", leave_after=2) == [0, 1]
+
+    asyncio.run(main())
+    assert len(ended) == 3 and all(e.wait(5) for e in ended)
+    e = grpc_bridge.set_status(None, "NOT_FOUND", "x")
+    assert e.code == grpc.StatusCode.NOT_FOUND and str(e) == "NOT_FOUND: x"
 
 
 def test_tokens_match_single_process(cluster, reference):
@@ -176,6 +227,44 @@ def test_streaming_through_the_router(cluster, reference):
     assert events[-1] == "[DONE]"
     tokens = [t for e in events[:-1] for t in json.loads(e)["choices"][0].get("token_ids", [])]
     assert tokens == reference["a1", PROMPTS[1]]
+
+
+def test_grpc_through_rays_grpc_proxy(cluster, reference):
+    """loraplex.v1.Generation on Ray Serve's gRPC port: Generate and GenerateStream give
+    the single-process engine's (and so the HTTP path's) tokens, for an adapter (routed by
+    adapter_id) and for the base; the `application` metadata names the Serve app (needed
+    only when several run); an unknown adapter is NOT_FOUND, as on `serve`."""
+    import grpc
+
+    from loraplex.v1 import generate_pb2, generate_pb2_grpc
+
+    params = generate_pb2.SamplingParameters(max_new_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+    with grpc.insecure_channel(cluster.grpc_target) as channel:
+        stub = generate_pb2_grpc.GenerationStub(channel)
+        for adapter, prompt, metadata in ((None, PROMPTS[0], (("application", "loraplex"),)),
+                                          ("a1", PROMPTS[1], (("application", "loraplex"),)),
+                                          ("a4", PROMPTS[0], ())):  # fmt: skip
+            request = generate_pb2.GenerateRequest(text=prompt, adapter_id=adapter or "", params=params)
+            response = stub.Generate(request, metadata=metadata, timeout=60)
+            assert list(response.token_ids) == reference[adapter, prompt], (adapter, prompt)
+            assert response.finish_reason == generate_pb2.FINISH_REASON_LENGTH and response.request_id
+            messages = list(stub.GenerateStream(request, metadata=metadata, timeout=60))
+            assert [t for m in messages for t in m.token_ids] == reference[adapter, prompt], (adapter, prompt)
+            assert messages[-1].finish_reason == generate_pb2.FINISH_REASON_LENGTH
+            assert messages[-1].usage.generated_tokens == MAX_TOKENS
+            assert "".join(m.text for m in messages) == response.text
+        unknown = generate_pb2.GenerateRequest(text=PROMPTS[0], adapter_id="nope", params=params)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Generate(unknown, timeout=60)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND, e.value
+        assert "nope" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            list(stub.GenerateStream(unknown, timeout=60))
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND, e.value
+        bad = generate_pb2.GenerateRequest(adapter_id="a1", params=params)  # no prompt: the servicer's INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Generate(bad, timeout=60)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value
 
 
 def test_affinity_without_the_header(cluster):
@@ -246,13 +335,16 @@ def test_replica_killed_mid_run(cluster):
     actors = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].endswith("#" + victim)]
     assert len(actors) == 1, actors
     actor = ray.get_actor(actors[0]["name"], namespace=actors[0]["namespace"])
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
         futures = [pool.submit(cluster.complete, "a2", PROMPTS[i % 2], False, 30, 60) for i in range(8)]
+        streams = [pool.submit(_grpc_stream_code, cluster.grpc_target, "a2", PROMPTS[i]) for i in range(2)]
         time.sleep(0.2)
         ray.kill(actor, no_restart=True)
         statuses = [f.result(timeout=45)[0] for f in futures]  # a hang fails here
+        codes = [f.result(timeout=45) for f in streams]
     assert set(statuses) <= {200, 503}, statuses
-    print("in-flight statuses when the replica was killed:", statuses)
+    assert set(codes) <= {"OK", "UNAVAILABLE"}, codes  # gRPC streams: finish, or UNAVAILABLE
+    print("in-flight statuses when the replica was killed:", statuses, codes)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # Serve starts a new replica
         names = _replica_names()
@@ -268,6 +360,23 @@ def test_replica_killed_mid_run(cluster):
         assert status == 200, body
         served_by.add(replica)
     assert victim not in served_by
+
+
+def _grpc_stream_code(target: str, adapter: str, prompt: str) -> str:
+    """The final status code's name of a long GenerateStream through Ray's gRPC proxy."""
+    import grpc
+
+    from loraplex.v1 import generate_pb2, generate_pb2_grpc
+
+    params = generate_pb2.SamplingParameters(max_new_tokens=60, temperature=0, ignore_eos=True)
+    with grpc.insecure_channel(target) as channel:
+        try:
+            for _ in generate_pb2_grpc.GenerationStub(channel).GenerateStream(
+                    generate_pb2.GenerateRequest(text=prompt, adapter_id=adapter, params=params), timeout=30):
+                pass
+        except grpc.RpcError as e:
+            return e.code().name
+    return "OK"
 
 
 def _replica_names() -> list[str]:

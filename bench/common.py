@@ -113,19 +113,34 @@ def print_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -
         print("  ".join(v.rjust(w) for v, w in zip(c, widths)))
 
 
-def write_png(path: Path | str, title: str, panels: Sequence[tuple[str, dict[str, Sequence[tuple[float, float]]]]],
-              xlabel: str = "t (s)") -> Path | None:
-    """Line plots stacked vertically, one per panel (y label, {series label: [(x, y), ...]}),
-    written as a PNG (matplotlib, of the dev extras; None with a note where it is missing).
-    Uses matplotlib's object API only: no pyplot state, no display needed."""
+def new_figure(width: float, height: float):
+    """A matplotlib Figure (object API: no pyplot state, no display) with an Agg canvas, or
+    None, with a note, where matplotlib (of the dev extras) is missing."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
         print("matplotlib is not installed (pip install -e .[dev]): no PNG written", file=sys.stderr)
         return None
-    fig = Figure(figsize=(8, 2.6 * len(panels)), layout="constrained")
+    fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
+    return fig
+
+
+def kernel_timer(device: torch.device, args) -> "Timer":
+    """A kernel bench's Timer: one call per measurement under --smoke (the interpreter is
+    slow and its timings meaningless), else at least 5 of up to 100 calls after 2 warm-ups."""
+    return Timer(device, args.budget, *((1, 1, 0) if args.smoke else (5, 100, 2)))
+
+
+def write_png(path: Path | str, title: str, panels: Sequence[tuple[str, dict[str, Sequence[tuple[float, float]]]]],
+              xlabel: str = "t (s)") -> Path | None:
+    """Line plots stacked vertically, one per panel (y label, {series label: [(x, y), ...]}),
+    written as a PNG (matplotlib, of the dev extras; None with a note where it is missing).
+    Uses matplotlib's object API only: no pyplot state, no display needed."""
+    fig = new_figure(8, 2.6 * len(panels))
+    if fig is None:
+        return None
     axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
     for ax, (ylabel, series) in zip(axes, panels):
         for label, points in series.items():
@@ -173,14 +188,9 @@ def write_bandwidth_png(json_path: Path, title: str, rows: Sequence[dict], label
     rows = [r for r in rows if r.get("frac") is not None]
     if not rows:
         return None
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        print("matplotlib is not installed (pip install -e .[dev]): no PNG written", file=sys.stderr)
+    fig = new_figure(8, 0.8 + 0.22 * len(rows))
+    if fig is None:
         return None
-    fig = Figure(figsize=(8, 0.8 + 0.22 * len(rows)), layout="constrained")
-    FigureCanvasAgg(fig)
     ax = fig.subplots()
     labels = [" ".join(str(r.get(k, "")) for k in label_keys) for r in rows]
     ax.barh(range(len(rows)), [100 * r["frac"] for r in rows])

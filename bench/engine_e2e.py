@@ -358,14 +358,9 @@ def main(argv=None) -> int:
 
 def plot(rows: list[dict], limit_tok_s: float, path: Path) -> None:
     """Bar chart of decode and whole-run tok/s per row, with the memory limit and the target."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        print("matplotlib is not installed: no chart", file=sys.stderr)
+    fig = common.new_figure(7, 3.5)
+    if fig is None:
         return
-    fig = Figure(figsize=(7, 3.5), layout="constrained")
-    FigureCanvasAgg(fig)
     ax = fig.subplots()
     labels = [f"{r['system']}\n{r['adapters']}" for r in rows]
     ax.bar(labels, [r["decode_tok_s"] or 0 for r in rows], label="decode tok/s (median step)")

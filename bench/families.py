@@ -210,14 +210,9 @@ def rank_summary(ranks: dict[str, list[int]]) -> str:
 
 def write_bars(path: Path, title: str, rows: list[dict]) -> Path | None:
     """Two horizontal bar panels (× LoRA tokens/s, decode step ms), one bar per family."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        print("matplotlib is not installed (pip install -e .[dev]): no PNG written", file=sys.stderr)
+    fig = common.new_figure(9, 0.9 + 0.32 * len(rows))
+    if fig is None:
         return None
-    fig = Figure(figsize=(9, 0.9 + 0.32 * len(rows)), layout="constrained")
-    FigureCanvasAgg(fig)
     left, right = fig.subplots(1, 2, sharey=True)
     labels = [f"{r['family']} (r {r['served_rank']})" for r in rows]
     ys = range(len(rows))

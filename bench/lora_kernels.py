@@ -130,8 +130,7 @@ class Bench:
     def __init__(self, args, device, dtype, ops):
         self.args, self.device, self.dtype = args, device, dtype
         self.shrink, self.expand, self.shrink_ref, self.expand_ref = ops
-        # smoke: one call per measurement, the interpreter is slow and its timings meaningless
-        self.timer = common.Timer(device, args.budget, *((1, 1, 0) if args.smoke else (5, 100, 2)))
+        self.timer = common.kernel_timer(device, args)
         self.copy_gbs = common.copy_bandwidth_gbs(device)
         self.rows: list[dict] = []
 

@@ -162,8 +162,7 @@ def main(argv=None) -> int:
     from loraplex.kernels import nf4_matmul as nf4  # after TRITON_INTERPRET is set
 
     gen = torch.Generator().manual_seed(args.seed)
-    # smoke: one call per measurement, the interpreter is slow and its timings meaningless
-    timer = common.Timer(device, args.budget, *((1, 1, 0) if args.smoke else (5, 100, 2)))
+    timer = common.kernel_timer(device, args)
     copy_gbs = common.copy_bandwidth_gbs(device)
     env = common.environment(device)
     print(f"device copy bandwidth: {copy_gbs:.0f} GB/s ({env['device']})")

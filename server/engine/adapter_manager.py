@@ -1,7 +1,7 @@
 """The adapter manager: everything about where adapters live.
 
     disk (registered directories)  --loader thread: validate, convert, stage-->
-    host cache (staged, pinned on CUDA, bounded in bytes, LRU)  --writer thread-->
+    host cache (staged, pinned on CUDA, bounded in bytes, LRU)  --side stream (CUDA) / writer thread (CPU)-->
     device slots and rank pages (LRU of adapters no running request pins)
 
 It registers adapters (id → version key, directory, metadata; a replace makes a new
@@ -11,7 +11,8 @@ background validator (an invalid one is then unregistered, with its reason logge
 at first use, whichever comes first — sizes the device pool from the byte budget, and owns the host cache, the device
 slots (device_adapters.py) and the rank pages (adapter_pages.py). Validation and
 conversion run in the caller's thread (an admin RPC) or on the loader thread, never on
-the engine thread; device writes run on the writer thread. The engine thread calls
+the engine thread; device writes are issued by the engine thread on CUDA (a side stream)
+and run on the writer thread on the CPU (device_adapters.py). The engine thread calls
 `acquire`, `release`, `prefetch`, `collect` and `join_loads`; a request binds the version
 current when it is admitted (`current_key`), and a replaced or removed version is freed
 once no running request uses it, never handed out again.
@@ -257,7 +258,7 @@ class AdapterManager:
 
     def acquire(self, key: AdapterKey) -> int | None:
         """Pins `key` in a device slot and returns the slot, or None while it loads (from
-        disk on the loader thread, then to the device on the writer) or while every slot
+        disk on the loader thread, then to the device on the CPU's writer thread) or while every slot
         and page it needs is pinned. Never blocks."""
         staged = None
         if self.device.slot_of(key) is None:

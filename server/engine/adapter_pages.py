@@ -2,18 +2,18 @@
 staging form an adapter is copied to the device from.
 
 `StagedAdapter` is an adapter in the one form laid out for one model: every adapted
-slice's A and Bᵀ cut into whole rank pages, and its vectors, in ONE flat host buffer of
-the serving dtype (pinned on CUDA) plus one small float32 buffer (scales, VeRA's λ_d).
-A load is then one host→device copy of each buffer and one scatter per slice.
+slice's A and Bᵀ cut into whole rank pages, grouped by width, and its vectors, in ONE
+flat host buffer of the serving dtype (pinned on CUDA) plus one small float32 buffer
+(scales, λ_d). A load is then one host→device copy of each buffer and of the page ids,
+and a few ops for the whole model (adapter_stacks.py), whatever its depth.
 
 `AdapterPages` keeps the books of every adapter layer's page pools (which pages are
-free, which factors sit where, which slots read them) and writes the layers' tensors
-through their narrow interface (`AdapterLinear.write_pages / write_slot / reset_slot`).
-Its bookkeeping (`fits`, `assign`, `release`) runs on the engine thread only; `apply`,
-which does the tensor writes of one `assign`, may run on any thread (the loader's, on a
-side stream on CUDA), since it touches only pages and a slot that no running request
-reads. It knows nothing of LRU, pins, budgets or versions (device_adapters.py,
-adapter_manager.py).
+free, which factors sit where, which slots read them) and writes the layers' tensors,
+which are views into its `AdapterStacks`. Its bookkeeping (`fits`, `assign`, `release`)
+runs on the engine thread only; `apply`, which does the tensor writes of one `assign`,
+may run on any thread (the writer's; on CUDA on a side stream), since it touches only
+pages and a slot that no running request reads. It knows nothing of LRU, pins, budgets
+or versions (device_adapters.py, adapter_manager.py).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch
 
 from loraplex.adapters.form import AdapterWeights, ModuleDelta
 from loraplex.kernels.rank_pages import RANK_PAGE, pages_for
+from loraplex.server.engine.adapter_stacks import AdapterStacks, SlotRows
 from loraplex.server.engine.page_free_list import PageFreeList
 from loraplex.server.model.config import ModelConfig
 from loraplex.server.model.llama import GROUPS
@@ -52,18 +53,16 @@ Span = tuple[int, int]  # [start, end) in a staging buffer
 
 @dataclass(frozen=True)
 class StagedPart:
-    """One adapted slice of a staged adapter; spans index StagedAdapter.data / .fdata."""
+    """One adapted slice of a staged adapter."""
 
     group: int  # index in the model's adapter_groups() order
     slice: int  # slice of the group (q, k or v of q|k|v)
     rank: int
     shared_key: Hashable | None  # equal keys: equal factors, stored once on the device
-    a: Span  # [pages, 16, in] in data
-    bt: Span  # [pages, 16, out_i] in data
-    scale: int  # index of s in fdata
-    g: Span | None = None  # [out_i] in data
-    out_scale: Span | None = None  # [out_i] in data
-    rank_scale: Span | None = None  # [rank] in fdata
+    a_row: int  # its first page in its width's A block of StagedAdapter.data ([pages, 16, in] there)
+    bt_row: int  # its first page in its width's Bᵀ block
+    dora: bool = False  # has g
+    scaled: bool = False  # has d or o
 
     @property
     def pages(self) -> int:
@@ -72,57 +71,88 @@ class StagedPart:
 
 @dataclass(frozen=True)
 class StagedAdapter:
-    """An adapter ready to copy to the device (module docstring)."""
+    """An adapter ready to copy to the device (module docstring). `data` holds, in this
+    order, per width: the A pages of the parts of that in-width [n, 16, w], then per
+    width the Bᵀ pages; then, where the adapter has any, per out-width every slice's g
+    [n_w, w] (ones where it has none) and the same for o. `fdata` holds every slice's
+    scale [K] (0: not adapted) and, where the adapter has any, d [K, R] (ones elsewhere)."""
 
     weights: AdapterWeights  # what it was staged from (metadata; its tensors are not used on the device path)
     parts: tuple[StagedPart, ...]
     data: torch.Tensor  # [N] serving dtype, pinned on CUDA
     fdata: torch.Tensor  # [M] float32, pinned on CUDA
+    a_blocks: dict[int, Span]  # in-width -> its A pages in data
+    bt_blocks: dict[int, Span]  # out-width -> its Bᵀ pages in data
+    g_blocks: dict[int, Span] | None  # out-width -> [n_w, w] in data
+    o_blocks: dict[int, Span] | None
+    rank_scales: Span | None  # [K, R] in fdata
 
     @property
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size() + self.fdata.numel() * 4
 
     @classmethod
-    def build(cls, weights: AdapterWeights, layout: list[tuple[int, tuple[str, ...]]], dtype: torch.dtype,
+    def build(cls, weights: AdapterWeights, layout: list[tuple[int, tuple[str, ...]]], stacks: AdapterStacks, dtype: torch.dtype,
               *, pin: bool = False, fold_shared: bool = False) -> "StagedAdapter":  # fmt: skip
-        """layout: (layer, slice names) per adapter group, in the model's order.
-        fold_shared: store shared factors (VeRA) per adapter, with d and o folded in."""
-        chunks: list[torch.Tensor] = []
-        fchunks: list[torch.Tensor] = []
-        sizes = [0, 0]  # elements so far in data, fdata
-
-        def put(t: torch.Tensor, into: int) -> Span:
-            start = sizes[into]
-            (chunks if into == 0 else fchunks).append(t.reshape(-1))
-            sizes[into] += t.numel()
-            return start, sizes[into]
-
+        """layout: (layer, slice names) per adapter group, in the model's order, placed in
+        `stacks`. fold_shared: store shared factors (VeRA) per adapter, with d and o folded in."""
+        K, R = stacks.num_slices, stacks.max_pages * RANK_PAGE
+        a_rows: dict[int, list[torch.Tensor]] = {w: [] for w in stacks.a}  # in-width -> [pages * 16, w] per part
+        bt_rows: dict[int, list[torch.Tensor]] = {w: [] for w in stacks.bt}
+        n_a = dict.fromkeys(stacks.a, 0)  # pages so far per width
+        n_bt = dict.fromkeys(stacks.bt, 0)
+        g = o = d_rows = None  # width -> [n_w, w]; [K, R]: made at the first part that has them
+        scales = torch.zeros(K, dtype=torch.float32)
         parts = []
         for gi, (layer, names) in enumerate(layout):
             for si, name in enumerate(names):
                 d: ModuleDelta | None = weights.modules.get((layer, name))
                 if d is None or d.rank == 0:
                     continue
+                if d.rank > R:
+                    raise ValueError(f"layer {layer} {name}: rank {d.rank} exceeds the pool's max rank {R}")
                 if fold_shared and d.shared_key is not None:
                     d = d.folded()
-                rows = pages_for(d.rank) * RANK_PAGE
-                a = torch.zeros(rows, d.a.shape[1], dtype=dtype)
+                spot = stacks.spots[gi][si]
+                n = pages_for(d.rank)
+                a = torch.zeros(n * RANK_PAGE, spot.in_width, dtype=dtype)
                 a[: d.rank] = d.a
-                bt = torch.zeros(rows, d.b.shape[0], dtype=dtype)
+                bt = torch.zeros(n * RANK_PAGE, spot.out_width, dtype=dtype)
                 bt[: d.rank] = d.b.t()
-                parts.append(StagedPart(
-                    gi, si, d.rank, d.shared_key, put(a, 0), put(bt, 0),
-                    scale=put(torch.tensor([d.scale], dtype=torch.float32), 1)[0],
-                    g=put(d.g.to(dtype), 0) if d.g is not None else None,
-                    out_scale=put(d.out_scale.to(dtype), 0) if d.out_scale is not None else None,
-                    rank_scale=put(d.rank_scale.float(), 1) if d.rank_scale is not None else None,
-                ))  # fmt: skip
-        data = torch.empty(sizes[0], dtype=dtype, pin_memory=pin)
-        fdata = torch.empty(sizes[1], dtype=torch.float32, pin_memory=pin)
+                a_rows[spot.in_width].append(a)
+                bt_rows[spot.out_width].append(bt)
+                scales[spot.k] = d.scale
+                if d.g is not None:
+                    g = g or {w: torch.ones(t.shape[0], w, dtype=dtype) for w, t in stacks.g.items()}
+                    g[spot.out_width][spot.b] = d.g
+                if d.out_scale is not None:
+                    o = o or {w: torch.ones(t.shape[0], w, dtype=dtype) for w, t in stacks.o.items()}
+                    o[spot.out_width][spot.b] = d.out_scale
+                if d.rank_scale is not None:
+                    d_rows = torch.ones(K, R, dtype=torch.float32) if d_rows is None else d_rows
+                    d_rows[spot.k, : d.rank] = d.rank_scale
+                parts.append(StagedPart(gi, si, d.rank, d.shared_key, n_a[spot.in_width], n_bt[spot.out_width],
+                                        dora=d.g is not None, scaled=d.out_scale is not None or d.rank_scale is not None))  # fmt: skip
+                n_a[spot.in_width] += n
+                n_bt[spot.out_width] += n
+        chunks: list[torch.Tensor] = []
+        size = [0]
+
+        def put(t: torch.Tensor) -> Span:
+            chunks.append(t.reshape(-1))
+            size[0] += t.numel()
+            return size[0] - t.numel(), size[0]
+
+        a_blocks = {w: put(torch.cat(rows)) for w, rows in a_rows.items() if rows}
+        bt_blocks = {w: put(torch.cat(rows)) for w, rows in bt_rows.items() if rows}
+        g_blocks = {w: put(t) for w, t in g.items()} if g else None
+        o_blocks = {w: put(t) for w, t in o.items()} if o else None
+        data = torch.empty(size[0], dtype=dtype, pin_memory=pin)
         torch.cat(chunks, out=data) if chunks else None
-        torch.cat(fchunks, out=fdata) if fchunks else None
-        return cls(weights, tuple(parts), data, fdata)
+        fchunks = [scales] + ([d_rows.reshape(-1)] if d_rows is not None else [])
+        fdata = torch.empty(sum(t.numel() for t in fchunks), dtype=torch.float32, pin_memory=pin)
+        torch.cat(fchunks, out=fdata)
+        return cls(weights, tuple(parts), data, fdata, a_blocks, bt_blocks, g_blocks, o_blocks, (K, K + K * R) if d_rows is not None else None)
 
 
 @dataclass
@@ -155,8 +185,7 @@ class AdapterPages:
         self.layout = [(layer, group.names) for layer, group in model.adapter_groups()]
         self.num_slots, self.max_rank, self.num_pages = num_slots, max_rank, num_pages
         self.device = model.device
-        for group in self.groups:
-            group.allocate(num_slots, pages_for(max_rank), num_pages)
+        self.stacks = AdapterStacks(self.groups, num_slots, pages_for(max_rank), num_pages)
         model.num_slots = num_slots
         n = [len(g.names) for g in self.groups]
         self._free = [[PageFreeList(num_pages) for _ in range(k)] for k in n]  # [group][slice]
@@ -165,7 +194,7 @@ class AdapterPages:
 
     def stage(self, weights: AdapterWeights, *, fold_shared: bool = False) -> StagedAdapter:
         dtype = self.groups[0].dtype
-        return StagedAdapter.build(weights, self.layout, dtype, pin=self.device.type == "cuda", fold_shared=fold_shared)
+        return StagedAdapter.build(weights, self.layout, self.stacks, dtype, pin=self.device.type == "cuda", fold_shared=fold_shared)
 
     # -- bookkeeping (engine thread) -------------------------------------------------------
     def pages_free(self) -> list[int]:
@@ -187,10 +216,6 @@ class AdapterPages:
     def assign(self, slot: int, staged: StagedAdapter) -> WritePlan:
         """Takes `slot`'s pages for `staged` (the slot must be released); ValueError if
         they are not free. The tensors are written by `apply`."""
-        limit = pages_for(self.max_rank) * RANK_PAGE  # rank rows a slot's page-table row holds
-        for p in staged.parts:
-            if p.rank > limit:
-                raise ValueError(f"{self.groups[p.group].names[p.slice]}: rank {p.rank} exceeds the pool's max rank {limit}")
         if any(slot in k for ks in self._key_of for k in ks):
             raise AssertionError(f"slot {slot} assigned while it holds an adapter")
         if not self.fits(staged, set()):
@@ -225,28 +250,62 @@ class AdapterPages:
     # -- tensor writes (any thread) -------------------------------------------------------
     def apply(self, plan: WritePlan) -> None:
         """Writes a plan's adapter into its slot: the staging buffers go to the device in
-        two copies (non-blocking from pinned memory), then one scatter per slice."""
-        staged, dev = plan.staged, self.device
+        two copies (non-blocking from pinned memory) and the page ids in one, then the
+        stacks take the pages in one index_copy per width and the slot's rows in one copy
+        per kind (AdapterStacks.write)."""
+        staged, dev, stacks = plan.staged, self.device, self.stacks
+        K, MP, P = stacks.num_slices, stacks.max_pages, stacks.num_pages
+        table = [0] * (K * MP)  # the slot's page-table rows [K, MP]
+        ranks = [0] * K
+        a_index = {w: ([], []) for w in staged.a_blocks}  # width -> (flat pages in the stack, rows in the block)
+        bt_index = {w: ([], []) for w in staged.bt_blocks}
+        for p, ids, fresh in zip(staged.parts, plan.page_ids, plan.write_factors):
+            spot = stacks.spots[p.group][p.slice]
+            table[spot.k * MP : spot.k * MP + len(ids)] = ids
+            ranks[spot.k] = p.rank
+            if fresh:
+                for (dst, src), stack_row, first in ((a_index[spot.in_width], spot.a, p.a_row), (bt_index[spot.out_width], spot.b, p.bt_row)):
+                    dst.extend(stack_row * P + i for i in ids)
+                    src.extend(range(first, first + len(ids)))
+        ints = table + ranks
+        spans = {}
+        for key, index in (("a", a_index), ("bt", bt_index)):
+            for w, (dst, src) in index.items():
+                spans[key, w] = len(ints), len(dst)
+                ints += dst + src
+        host = torch.tensor(ints, dtype=torch.int32, pin_memory=dev.type == "cuda")
         data = staged.data.to(dev, non_blocking=True)
         fdata = staged.fdata.to(dev, non_blocking=True)
-        flat = [p for ids in plan.page_ids for p in ids]
-        ids_all = torch.tensor(flat, dtype=torch.int32, pin_memory=dev.type == "cuda").to(dev, non_blocking=True)
-        for group in self.groups:
-            group.reset_slot(plan.slot)
-        at = 0
-        for p, ids, fresh in zip(staged.parts, plan.page_ids, plan.write_factors):
-            group = self.groups[p.group]
-            page_ids = ids_all[at : at + len(ids)]  # [pages] int32
-            at += len(ids)
-            if fresh:
-                n, width = p.pages, group.widths[p.slice]
-                group.write_pages(p.slice, page_ids.long(), data[slice(*p.a)].view(n, RANK_PAGE, -1), data[slice(*p.bt)].view(n, RANK_PAGE, width))
-            group.write_slot(
-                p.slice, plan.slot, page_ids, p.rank, fdata[p.scale],
-                g=data[slice(*p.g)] if p.g else None,
-                rank_scale=fdata[slice(*p.rank_scale)] if p.rank_scale else None,
-                out_scale=data[slice(*p.out_scale)] if p.out_scale else None,
-            )  # fmt: skip
+        ints32 = host.to(dev, non_blocking=True)
+        ints64 = ints32.long()
+
+        def pages(blocks: dict[int, Span], key: str) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+            out = {}
+            for w, (start, end) in blocks.items():
+                at, n = spans[key, w]
+                if n == 0:
+                    continue  # every part's factors of this width are resident already
+                rows = data[start:end].view(-1, RANK_PAGE, w)  # [block pages, 16, w]
+                if n < rows.shape[0]:
+                    rows = rows.index_select(0, ints64[at + n : at + 2 * n])  # only the fresh parts' pages
+                out[w] = ints64[at : at + n], rows
+            return out
+
+        def vectors(blocks: dict[int, Span] | None) -> dict[int, torch.Tensor] | None:
+            return None if blocks is None else {w: data[a:b].view(-1, w) for w, (a, b) in blocks.items()}
+
+        rows = SlotRows(
+            page_table=ints32[: K * MP].view(K, MP), ranks=ints32[K * MP : K * MP + K], scales=fdata[:K],
+            rank_scales=fdata[slice(*staged.rank_scales)].view(K, -1) if staged.rank_scales else None,
+            g=vectors(staged.g_blocks), o=vectors(staged.o_blocks),
+            a_pages=pages(staged.a_blocks, "a"), bt_pages=pages(staged.bt_blocks, "bt"),
+        )  # fmt: skip
+        stacks.write(plan.slot, rows)
+        dora = {p.group for p in staged.parts if p.dora}
+        scaled = {p.group for p in staged.parts if p.scaled}
+        for gi, group in enumerate(self.groups):
+            (group.dora_slots.add if gi in dora else group.dora_slots.discard)(plan.slot)
+            (group.scaled_slots.add if gi in scaled else group.scaled_slots.discard)(plan.slot)
 
     def write(self, slot: int, weights: AdapterWeights | StagedAdapter) -> None:
         """assign + apply at once, for tools and tests that place adapters by hand."""

@@ -4,14 +4,16 @@ requests, LRU eviction of adapters no running request uses, and the loads in fli
 A load never blocks the engine thread. `acquire` (or `prefetch`) picks the slot and the
 rank pages on the engine thread (AdapterPages' books, evicting the fewest least recently
 used unpinned adapters that make room, or nothing when even evicting them all would
-not), then hands the tensor writes to a writer thread. On CUDA the writer issues them on
-a side stream from pinned memory and records an event; the first step that uses the
-slot waits for that event on the device (`join_loads`), and steps for other adapters
-run meanwhile. On the CPU the writer does the same writes synchronously. Until the
-writes are issued, `acquire` answers None and the request waits; a failed write frees
+not), then has the tensor writes done. On CUDA the engine thread issues them itself, on
+a side stream from pinned memory (a few launches for the whole model: adapter_stacks.py)
+and records an event; the first step that uses the slot waits for that event on the
+device (`join_loads`), and steps for other adapters run meanwhile, so a cold adapter
+from the host cache is served in the very step that asked for it. On the CPU a writer
+thread does the same writes synchronously, since there they are the copies themselves;
+until they are done `acquire` answers None and the request waits. A failed write frees
 its slot and pages and is reported once through `failure`.
 
-Engine thread only, except the writer's `AdapterPages.apply`.
+Engine thread only, except the writer's `AdapterPages.apply` (CPU).
 """
 
 from __future__ import annotations
@@ -37,7 +39,10 @@ class SlotCounters:
 
 
 class DeviceAdapters:
-    def __init__(self, pages: AdapterPages, num_slots: int):
+    def __init__(self, pages: AdapterPages, num_slots: int, inline_writes: bool | None = None):
+        """inline_writes: issue the writes on the calling (engine) thread rather than on
+        the writer thread; None: on CUDA, where issuing is cheap and the copies run on the
+        side stream."""
         if num_slots < 1:
             raise ValueError("the adapter pool needs at least one slot")
         self.pages = pages
@@ -48,9 +53,11 @@ class DeviceAdapters:
         self._doomed: set[Hashable] = set()  # removed while pinned: freed at the last release
         self._failed: dict[Hashable, BaseException] = {}
         self._free = list(range(num_slots - 1, -1, -1))
+        self._event_of: dict[Hashable, object] = {}  # key -> CUDA event after its writes, until a step waits for it
         self._events: list = []  # CUDA events the next step must wait for
         cuda = pages.device.type == "cuda"
         self._stream = torch.cuda.Stream(pages.device) if cuda else None
+        self._inline = cuda if inline_writes is None else inline_writes
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-writer")
         self.counters = SlotCounters()
 
@@ -79,6 +86,9 @@ class DeviceAdapters:
                 return None
         if not self._ready(key):
             return None
+        event = self._event_of.pop(key, None)
+        if event is not None:
+            self._events.append(event)  # the next step is the first to read the slot
         self._slot_of.move_to_end(key)
         self._pins[key] = self._pins.get(key, 0) + 1
         return self._slot_of[key]
@@ -130,7 +140,8 @@ class DeviceAdapters:
             self._ready(key)
 
     def join_loads(self) -> None:
-        """Makes the current stream wait for the loads of slots acquired since the last call."""
+        """Makes the current stream wait for the loads of slots acquired since the last call
+        (a prefetched slot that no step reads yet costs no step a wait)."""
         events, self._events = self._events, []
         for event in events:
             torch.cuda.current_stream(self.pages.device).wait_event(event)
@@ -149,12 +160,21 @@ class DeviceAdapters:
         slot = self._free.pop()
         plan = self.pages.assign(slot, staged)
         self._slot_of[key] = slot
-        self._loading[key] = self._writer.submit(self._write, plan)
+        self._loading[key] = self._write_now(plan) if self._inline else self._writer.submit(self._write, plan)
         self.counters.loads += 1
         return True
 
+    def _write_now(self, plan) -> Future:
+        """The plan's writes, issued on this thread: a done Future, like the writer's."""
+        job: Future = Future()
+        try:
+            job.set_result(self._write(plan))
+        except Exception as error:  # noqa: BLE001 - reported through failure(), like the writer's
+            job.set_exception(error)
+        return job
+
     def _write(self, plan):
-        """On the writer thread: the plan's tensor writes; a CUDA event after them."""
+        """The plan's tensor writes (on the side stream on CUDA); a CUDA event after them."""
         if self._stream is None:
             self.pages.apply(plan)
             return None
@@ -181,7 +201,7 @@ class DeviceAdapters:
             self._drop(key)
             return False
         if job.result() is not None:
-            self._events.append(job.result())
+            self._event_of[key] = job.result()
         if key in self._doomed and not self._pins.get(key):
             self._doomed.discard(key)
             self._drop(key)
@@ -189,6 +209,7 @@ class DeviceAdapters:
         return True
 
     def _drop(self, key: Hashable) -> None:
+        self._event_of.pop(key, None)  # later writes into its pages follow on the same side stream
         slot = self._slot_of.pop(key)
         self.pages.release(slot)
         self._free.append(slot)

@@ -10,8 +10,9 @@ Adapters' A and Bᵀ live in rank pages (kernels/rank_pages.py): each slice has 
 pages, and page-table rows, scales, ranks and the vectors g, d, o are per slot. This
 layer holds those tensors and nothing else: which adapter sits in which slot, which
 pages are free and which factors are shared is the adapter manager's
-(server/engine/adapter_pages.py). `allocate` sizes the tensors once; `write_pages`,
-`write_slot` and `reset_slot` are the only writers, and they only copy.
+(server/engine/adapter_pages.py). The tensors are views into the manager's stacks, one
+per width across all layers (server/engine/adapter_stacks.py, `attach`), and that is
+where they are written: one adapter's load is a few ops for the whole model.
 """
 
 from __future__ import annotations
@@ -47,80 +48,40 @@ class AdapterLinear(nn.Module):
         self.step = None  # StepContext and LoraOps, set by LlamaModel.bind
         self.ops: LoraOps | None = None
         self.static = False  # always run the kernels with every vector (LlamaModel.bind)
-        self.allocate(0, 1, 0)
+        self.num_slots = 0  # no adapter tensors until the adapter manager attaches them
+        self.dora_slots: set[int] = set()
+        self.scaled_slots: set[int] = set()
 
-    def allocate(self, num_slots: int, max_pages: int, num_pages: int) -> None:
-        """(Re)allocates the adapter tensors: `num_pages` rank pages per slice, `num_slots`
-        slots of at most `max_pages` pages each. Every slot starts empty."""
-        n, dt, dev = len(self.widths), self.dtype, self.device
+    def attach(self, num_slots: int, max_pages: int, num_pages: int, *, a_pages: list[torch.Tensor], bt_pages: list[torch.Tensor],
+               g_stacks: list[torch.Tensor], out_scales: list[torch.Tensor], page_table: torch.Tensor, scales: torch.Tensor,
+               ranks: torch.Tensor, rank_scales: torch.Tensor) -> None:  # fmt: skip
+        """Takes the adapter tensors (views into the manager's stacks, adapter_stacks.py):
+        `num_pages` rank pages per slice, `num_slots` slots of at most `max_pages` pages."""
         self.num_slots, self.max_pages, self.num_pages = num_slots, max_pages, num_pages
-        self.a_pages = [torch.zeros(num_pages, RANK_PAGE, self.in_features, dtype=dt, device=dev) for _ in range(n)]  # n × [P, 16, in]
-        self.bt_pages = [torch.zeros(num_pages, RANK_PAGE, w, dtype=dt, device=dev) for w in self.widths]  # n × [P, 16, out_i]
-        self.page_table = torch.zeros(n, num_slots, max_pages, dtype=torch.int32, device=dev)  # [n, S, MP]
-        self.scales = torch.zeros(n, num_slots, dtype=torch.float32, device=dev)  # [n, S]
-        self.ranks = torch.zeros(n, num_slots, dtype=torch.int32, device=dev)  # [n, S]
-        self.g_stacks = [torch.ones(num_slots, w, dtype=dt, device=dev) for w in self.widths]  # n × [S, out_i]
-        self.out_scales = [torch.ones(num_slots, w, dtype=dt, device=dev) for w in self.widths]  # n × [S, out_i]
-        self.rank_scales = torch.ones(n, num_slots, max_pages * RANK_PAGE, dtype=torch.float32, device=dev)  # [n, S, R]
-        self._dora_slots: set[int] = set()  # slots with g: the forward passes g only when there are any
-        self._scaled_slots: set[int] = set()  # slots with d or o (VeRA)
+        self.a_pages = a_pages  # n × [P, 16, in]
+        self.bt_pages = bt_pages  # n × [P, 16, out_i]
+        self.page_table = page_table  # [n, S, MP] int32
+        self.scales = scales  # [n, S] float32
+        self.ranks = ranks  # [n, S] int32
+        self.g_stacks = g_stacks  # n × [S, out_i]
+        self.out_scales = out_scales  # n × [S, out_i]
+        self.rank_scales = rank_scales  # [n, S, R] float32
+        self.dora_slots: set[int] = set()  # slots with g: the forward passes g only when there are any (the manager keeps it)
+        self.scaled_slots: set[int] = set()  # slots with d or o (VeRA, AdaLoRA)
 
     def page_bytes(self) -> int:
         """Device bytes of one rank page in every slice."""
         size = torch.finfo(self.dtype).bits // 8
         return sum(RANK_PAGE * (self.in_features + w) * size for w in self.widths)
 
-    # -- the writers (called by the adapter manager only) ----------------------------------
-    def write_pages(self, i: int, page_ids: torch.Tensor, a_rows: torch.Tensor, bt_rows: torch.Tensor) -> None:
-        """Copies rank pages of slice i: page_ids [n] int64; a_rows [n, 16, in]; bt_rows [n, 16, out_i]."""
-        self.a_pages[i].index_copy_(0, page_ids, a_rows)
-        self.bt_pages[i].index_copy_(0, page_ids, bt_rows)
-
-    def write_slot(
-        self,
-        i: int,
-        slot: int,
-        page_ids: torch.Tensor,  # [n] int32, the slot's pages in rank order
-        rank: int,
-        scale: torch.Tensor,  # [] float32
-        g: torch.Tensor | None = None,  # [out_i]
-        rank_scale: torch.Tensor | None = None,  # [rank] float32
-        out_scale: torch.Tensor | None = None,  # [out_i]
-    ) -> None:
-        """Points slice i of `slot` at its pages and sets its scale, rank and vectors."""
-        self.page_table[i, slot, : page_ids.shape[0]].copy_(page_ids)
-        self.scales[i, slot].copy_(scale)
-        self.ranks[i, slot] = rank
-        if g is not None:
-            self.g_stacks[i][slot].copy_(g)
-            self._dora_slots.add(slot)
-        if rank_scale is not None:
-            self.rank_scales[i, slot, :rank].copy_(rank_scale)
-            self._scaled_slots.add(slot)
-        if out_scale is not None:
-            self.out_scales[i][slot].copy_(out_scale)
-            self._scaled_slots.add(slot)
-
-    def reset_slot(self, slot: int) -> None:
-        """Empties `slot` in every slice (its pages are the manager's to reuse)."""
-        for i in range(len(self.widths)):
-            self.g_stacks[i][slot].fill_(1.0)
-            self.out_scales[i][slot].fill_(1.0)
-        self.rank_scales[:, slot] = 1.0
-        self.page_table[:, slot] = 0
-        self.scales[:, slot] = 0.0
-        self.ranks[:, slot] = 0
-        self._dora_slots.discard(slot)
-        self._scaled_slots.discard(slot)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, in] -> [T, sum out_i], with the bound step's token→slot mapping."""
         mapping, ops = self.step.mapping, self.ops
         y = self.base(x)  # [T, sum out]: one matmul for the group
         if mapping.any_adapter or self.static:
-            scaled = self.static or bool(self._scaled_slots)
+            scaled = self.static or bool(self.scaled_slots)
             t = ops.shrink(x, self.a_pages, self.page_table, self.ranks, mapping, rank_scale=self.rank_scales if scaled else None)  # [n, T, R]
-            g = self.g_stacks if self.static or self._dora_slots else None
+            g = self.g_stacks if self.static or self.dora_slots else None
             ops.expand(y, t, self.bt_pages, self.page_table, self.ranks, self.scales, g, mapping, out_scale=self.out_scales if scaled else None)
         if self.bias is not None:
             y = y + self.bias

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from loraplex.adapters.form import AdapterWeights, ModuleDelta
 from loraplex.kernels.backend import lora_ops
@@ -73,7 +74,7 @@ def dense_forward(layer, x, slots, resident):
         if s < 0:
             continue
         col = 0
-        for w, d in zip(WIDTHS, resident[s]):
+        for w, d in zip(layer.widths, resident[s]):
             if d is not None:
                 v = y[tok, col : col + w] + d.dense() @ x[tok]
                 y[tok, col : col + w] = v * d.g if d.g is not None else v
@@ -219,3 +220,71 @@ def test_fits_counts_shared_factors_freed_only_with_their_last_holder():
     assert pages.fits(same_projection, set())  # its factors are resident: costs nothing
     assert not pages.fits(big, {0}) and not pages.fits(big, {1})  # one holder gone: still held
     assert pages.fits(big, {0, 1}) and pages.fits(big, {2})
+
+
+def test_a_width_whose_parts_are_partly_resident_writes_only_the_fresh_pages():
+    gen = torch.Generator().manual_seed(5)
+    layer, pages = make_group(gen, pages=12)  # k and v have one width (12): one block, one stack
+    shared_a = [torch.randn(20, IN, generator=gen) for _ in WIDTHS]
+    shared_b = [torch.randn(w, 20, generator=gen) for w in WIDTHS]
+    first = vera_like(gen, shared_a, shared_b, "p")
+    first[2] = None  # q and k: their factors become resident
+    second = vera_like(gen, shared_a, shared_b, "p")  # k resident, v fresh: half of the width-12 block
+    resident = {0: first, 1: second}
+    for slot, deltas in resident.items():
+        pages.write(slot, adapter(deltas))
+    assert [12 - f for f in pages.pages_free()] == [2, 2, 2]  # every slice's factors once
+    x = torch.randn(7, IN, generator=gen)
+    slots = torch.tensor([0, 1, 1, -1, 0, 1, 0], dtype=torch.int32)
+    got = run(layer, x, slots, lora_ops("cpu", "torch"))
+    torch.testing.assert_close(got, dense_forward(layer, x, slots, resident), atol=1e-4, rtol=1e-4)
+
+
+class Layers:
+    """A model of `n` layers of three adapter groups (q|k|v, o, gate|up), as AdapterPages sees it."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, n, gen):
+        shapes = ((("q", "k", "v"), WIDTHS), (("o",), (IN,)), (("gate", "up"), (32, 32)))
+        self.groups = [(i, AdapterLinear(list(names), DenseLinear.stack([torch.randn(w, IN, generator=gen) for w in widths], torch.float32),
+                                         [None] * len(widths), IN, torch.float32, torch.device("cpu")))
+                       for i in range(n) for names, widths in shapes]  # fmt: skip
+
+    def adapter_groups(self):
+        yield from self.groups
+
+
+class OpCount(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not all(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns):
+            self.ops.append(func._schema.name)  # views do not count
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_one_adapter_write_is_the_same_few_ops_whatever_the_depth(dora):
+    gen = torch.Generator().manual_seed(2)
+    counts = []
+    for n in (1, 6):
+        model = Layers(n, gen)
+        pages = AdapterPages(model, 3, 32)
+        deltas = {(i, name): ModuleDelta(torch.randn(17, IN, generator=gen), torch.randn(g.widths[s], 17, generator=gen), 0.5,
+                                         torch.rand(g.widths[s], generator=gen) + 0.5 if dora else None)
+                  for i, g in model.groups for s, name in enumerate(g.names)}  # fmt: skip
+        staged = pages.stage(AdapterWeights("dora" if dora else "lora", deltas))
+        plan = pages.assign(1, staged)
+        with OpCount() as rec:
+            pages.apply(plan)
+        counts.append(len(rec.ops))
+        x = torch.randn(5, IN, generator=gen)
+        for i, g in model.groups:  # every layer took its pages and slot rows
+            slots = torch.tensor([1, -1, 1, 1, -1], dtype=torch.int32)
+            want = dense_forward(g, x, slots, {1: [deltas[i, name] for name in g.names]})
+            torch.testing.assert_close(run(g, x, slots, lora_ops("cpu", "torch")), want, atol=1e-4, rtol=1e-4)
+    assert counts[0] == counts[1] <= 20, counts
+

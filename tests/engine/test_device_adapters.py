@@ -163,3 +163,34 @@ def test_a_finished_load_nobody_asks_for_is_still_evictable():
     b.gate.set()
     pool.wait("x", 5)
     assert acquire(pool, "y", (1, 0)) == 0 and pool.resident == ["y"] and pool.counters.evictions == 1
+
+
+class StreamRecorder:
+    """Stands in for torch.cuda.current_stream(): records the events a step waits for."""
+
+    def __init__(self):
+        self.waited = []
+
+    def wait_event(self, event):
+        self.waited.append(event)
+
+
+def test_inline_writes_hand_out_the_slot_at_once_and_a_step_waits_only_for_the_slots_it_reads(monkeypatch):
+    b = Budget()
+    pool = DeviceAdapters(b, 4, inline_writes=True)  # what CUDA does: the engine thread issues the writes
+    write = pool._write
+    pool._write = lambda plan: (write(plan), f"event {plan[0]}")[1]  # the event recorded after the writes
+    stream = StreamRecorder()
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
+    assert pool.acquire("a", (1, 1)) == 0 and len(b.writes) == 1  # served by the step that asked: no extra step
+    assert pool.prefetch("b", (1, 0)) and pool.slot_of("b") == 1
+    pool.join_loads()
+    assert stream.waited == ["event 0"]  # the prefetched slot costs this step no wait
+    assert pool.acquire("b", None) == 1
+    pool.join_loads()
+    pool.join_loads()
+    assert stream.waited == ["event 0", "event 1"]  # each event once, in the first step that reads its slot
+    b.fail.add((2, 0))
+    assert pool.acquire("c", (2, 0)) is None and isinstance(pool.failure("c"), RuntimeError)
+    assert pool.slot_of("c") is None and b.pages_free() == [2, 3]  # the failed write gave its slot and pages back
+    pool.close()

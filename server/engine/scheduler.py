@@ -9,6 +9,7 @@ only caller."""
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import dataclass
 
@@ -67,7 +68,9 @@ class Scheduler:
             plan.append(Scheduled(seq, n))
             budget -= n
         self._admit(plan, budget)
-        self.adapters.prefetch(s.adapter_key for s in self.waiting if s.adapter_key is not None and not s.admitted)
+        # the next batch's worth of waiting requests: further back, the slots would churn before they run
+        upcoming = itertools.islice(self.waiting, self.config.max_running)
+        self.adapters.prefetch(s.adapter_key for s in upcoming if s.adapter_key is not None and not s.admitted)
         return plan
 
     def _admit(self, plan: list[Scheduled], budget: int) -> None:

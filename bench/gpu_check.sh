@@ -6,71 +6,26 @@
 #
 # then one device call: command `bash bench/gpu_check.sh`, carry [".whl"], timeout_s 600.
 #
-# Steps, each under `timeout` with its own budget (they sum to <= 530 s), each logged; a
+# Steps, each under `timeout` with its own budget (they sum to <= 540 s), each logged; a
 # failing step does not stop the next:
-#   1 install (wheels and the project into $HOME/site, no index, no deps) + nvidia-smi  45 s
+#   1 install (wheels and the project into $HOME/site, no index, no deps) + nvidia-smi  40 s
 #   2 the GPU tests (pytest -m gpu)                                                    170 s
 #   3 short kernel tables: adapter shrink/expand, NF4 matmul, paged attention and the
 #     elementwise kernels (the last two only where their bench files exist)            145 s
-#   4 the end-to-end engine bench (bench/engine_e2e.py)                                170 s
-# Writes to $OUT (default bench/results/gpu) at most 8 files: gpu_check.log (every step's
-# whole output), summary.txt (step, exit status, seconds), the five benches' JSON, and
-# plots.tar (their PNGs: kernel GB/s against the copy bandwidth, the e2e tokens/s).
+#   4 one adapter's device write (bench/adapter_writes.py: launches and issue time)     15 s
+#   5 the end-to-end engine bench (bench/engine_e2e.py)                                170 s
+# Writes to $OUT (default bench/results/gpu) 4 files: gpu_check.log (every step's whole
+# output, tables included), gpu_check-summary.txt (step, exit status, seconds),
+# engine_e2e.json, and gpu_check-results.tar (every bench's JSON and PNG: kernel GB/s
+# against the copy bandwidth, the e2e tokens/s). The e2e model directory stays in
+# ~/llama3-8b-8layer for bench/gpu_adapters.sh, the adapter residency benches: a second
+# call, for the minutes that are left, while the machine is still warm.
 # Without a GPU (no nvidia-smi, or torch sees no CUDA) it exits 3 at once with a message.
-set -uo pipefail
-OUT=${OUT:-bench/results/gpu}
-mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
-LOG=$OUT/gpu_check.log
-SUMMARY=$OUT/summary.txt
-: >"$LOG"
-: >"$SUMMARY"
-export PYTHONUNBUFFERED=1
-TMP_STEP=$(mktemp)
-PLOTS=$(mktemp -d)  # the benches write PNGs beside their JSON: kept here, tarred into $OUT at the end
-trap 'rm -rf "$TMP_STEP" "$PLOTS"' EXIT
+NAME=gpu_check
+source "$(dirname "$0")/gpu_steps.sh"
 
-fail_no_gpu() {
-  echo "gpu_check: no GPU here ($1). Run it on the GPU machine: one device call with carry [\".whl\"]" \
-    "running 'bash bench/gpu_check.sh' (after ../shared/gpu/prepare-wheels.sh here)." | tee -a "$LOG" >&2
-  echo "no-gpu 3 0 ($1)" >>"$SUMMARY"
-  exit 3
-}
-
-command -v nvidia-smi >/dev/null 2>&1 || fail_no_gpu "nvidia-smi not found"
-timeout 20 nvidia-smi -L >/dev/null 2>&1 || fail_no_gpu "nvidia-smi lists no GPU"
-timeout 60 python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1 ||
-  fail_no_gpu "python3's torch sees no CUDA device"
-
-step() { # name, seconds, command...
-  local name=$1 limit=$2 t0=$SECONDS rc
-  shift 2
-  echo "== $name (limit ${limit}s): $*" | tee -a "$LOG"
-  timeout --kill-after=10 "$limit" "$@" >"$TMP_STEP" 2>&1
-  rc=$?
-  cat "$TMP_STEP" >>"$LOG"
-  tail -n 25 "$TMP_STEP"
-  [ $rc -eq 124 ] || [ $rc -eq 137 ] && echo "== $name TIMED OUT after ${limit}s" | tee -a "$LOG"
-  echo "== $name exit $rc in $((SECONDS - t0))s (${SECONDS}s in all)" | tee -a "$LOG"
-  printf '%-16s exit %-4s %4ss\n' "$name" "$rc" "$((SECONDS - t0))" >>"$SUMMARY"
-}
-
-optional() { # name, seconds, bench file, args...: runs the bench if another engineer's file is there
-  local name=$1 limit=$2 file=$3
-  shift 3
-  if [ -f "$file" ]; then
-    step "$name" "$limit" python3 "$file" "$@"
-  else
-    echo "== $name: $file missing" | tee -a "$LOG"
-    printf '%-16s missing\n' "$name" >>"$SUMMARY"
-  fi
-}
-
-# 1: install (the later steps need $HOME/site on the path even if it failed part-way)
-step install 45 bash -c '
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$HOME/site" .whl/*.whl &&
-    python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade --target "$HOME/site" . &&
-    nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv'
-export PYTHONPATH=$HOME/site
+# 1: install
+install
 
 # 2: the GPU-marked tests: kernels against their refs, CUDA-graph replay, the bf16 engine
 # (-P: the repo root must not shadow the installed package; a PyPI `kernels` exists too).
@@ -79,17 +34,16 @@ export PYTHONPATH=$HOME/site
 step tests 170 python3 -P -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/engine
 
 # 3: short kernel tables
-step lora_kernels 50 python3 bench/lora_kernels.py --phases decode --ranks 16 --budget 0.03 --out "$PLOTS/lora_kernels.json"
-step nf4_matmul 35 python3 bench/nf4_matmul.py --m 1 16 32 64 256 2048 --budget 0.03 --out "$PLOTS/nf4_matmul.json"
-optional paged_attention 40 bench/paged_attention.py --budget 0.03 --out "$PLOTS/paged_attention.json"
-optional elementwise 20 bench/elementwise.py --budget 0.03 --out "$PLOTS/elementwise.json"
+step lora_kernels 50 python3 bench/lora_kernels.py --phases decode --ranks 16 --budget 0.03 --out "$RESULTS/lora_kernels.json"
+step nf4_matmul 35 python3 bench/nf4_matmul.py --m 1 16 32 64 256 2048 --budget 0.03 --out "$RESULTS/nf4_matmul.json"
+optional paged_attention 40 bench/paged_attention.py --budget 0.03 --out "$RESULTS/paged_attention.json"
+optional elementwise 20 bench/elementwise.py --budget 0.03 --out "$RESULTS/elementwise.json"
 
-# 4: end to end: loraplex (32 / 1 / no adapters) and HF NF4 + PEFT on 8 layers of Llama-3-8B
-step engine_e2e 170 python3 bench/engine_e2e.py --json "$PLOTS/engine_e2e.json" --png "$PLOTS/engine_e2e.png"
+# 4: one adapter's write into a device slot, at Llama-3-8B's shapes (8 and 32 layers)
+step adapter_writes 15 python3 bench/adapter_writes.py --device cuda --shapes llama3-8b-8layer llama3-8b --json "$RESULTS/adapter_writes.json"
 
-cp "$PLOTS"/*.json "$OUT"/ 2>/dev/null
-(cd "$PLOTS" && ls *.png >/dev/null 2>&1 && tar cf "$OUT/plots.tar" *.png) || echo "no plots" | tee -a "$LOG"
+# 5: end to end: loraplex (32 / 1 / no adapters) and HF NF4 + PEFT on 8 layers of Llama-3-8B
+step engine_e2e 170 python3 bench/engine_e2e.py --model-dir "$MODEL_DIR" --json "$RESULTS/engine_e2e.json" --png "$RESULTS/engine_e2e.png"
 
-echo "== summary (${SECONDS}s in all)"
-cat "$SUMMARY"
-! grep -qE 'exit +[1-9]' "$SUMMARY"
+cp "$RESULTS/engine_e2e.json" "$OUT"/ 2>/dev/null
+pack

@@ -3,6 +3,7 @@ fail, does memory stay flat?
 
     python bench/load.py --duration 20                          # starts a server (tiny model, CPU)
     python bench/load.py --duration 600 --clients 16 --adapters 8
+    python bench/load.py --duration 300 --adapters 1000 --adapter-weights 8 --server-arg=--host-cache-mb=64
     python bench/load.py --target 127.0.0.1:50051 --admin-token T --metrics-url http://127.0.0.1:9090/metrics --server-pid 1234
 
 Without --target it starts `loraplex serve` as a child process (port 0, a temporary
@@ -402,6 +403,9 @@ def parse_args(argv=None):
     p.add_argument("--max-requests", type=int, default=1_000_000, help="stop after sending this many requests")
     p.add_argument("--clients", type=int, default=16, help="concurrent streaming clients (threads, one channel each)")
     p.add_argument("--adapters", type=int, default=8, help="adapters in play at once (zipf popularity over them)")
+    p.add_argument("--adapter-weights", type=int, default=None,
+                   help="distinct PEFT weight sets made for them, cycled under distinct ids (default: one per adapter); "
+                        "1,000 adapters need not mean making 1,000 with PEFT")  # fmt: skip
     p.add_argument("--zipf-s", type=float, default=1.1, help="zipf exponent of adapter popularity")
     p.add_argument("--base-fraction", type=float, default=0.1, help="share of requests for the base model (no adapter)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank of the generated adapters")
@@ -421,8 +425,8 @@ def parse_args(argv=None):
     g.add_argument("--start-timeout", type=float, default=180.0, help="seconds to wait for the server to serve")
     p.add_argument("--json", type=Path, default=None, help="result path (default bench/results/load-<time>.json)")
     args = p.parse_args(argv)
-    if args.clients < 1 or args.adapters < 0 or args.duration <= 0 or args.max_requests < 1:
-        p.error("--clients ≥ 1, --adapters ≥ 0, --duration > 0 and --max-requests ≥ 1")
+    if args.clients < 1 or args.adapters < 0 or args.duration <= 0 or args.max_requests < 1 or (args.adapter_weights or 1) < 1:
+        p.error("--clients ≥ 1, --adapters ≥ 0, --adapter-weights ≥ 1, --duration > 0 and --max-requests ≥ 1")
     return args
 
 
@@ -432,10 +436,11 @@ def main(argv=None) -> int:
     server = None
     try:
         t_make = time.monotonic()
-        initial = load_adapters.make_lora_adapters(work / "made", args.adapters, args.rank, seed=args.seed * 1000, model_dir=args.model)
+        made = load_adapters.make_lora_adapters(work / "made", min(args.adapters, args.adapter_weights or args.adapters), args.rank,
+                                                seed=args.seed * 1000, model_dir=args.model)  # fmt: skip
         churn_dirs = [] if args.no_churn else load_adapters.make_lora_adapters(
             work / "made", args.churn_pool, args.rank, seed=args.seed * 1000 + 500, model_dir=args.model, prefix="churn")
-        print(f"made {len(initial) + len(churn_dirs)} PEFT adapters in {time.monotonic() - t_make:.1f}s", file=sys.stderr)
+        print(f"made {len(made) + len(churn_dirs)} PEFT adapters in {time.monotonic() - t_make:.1f}s", file=sys.stderr)
         if args.target is None:
             server = ServerProcess(args, work)
             target, metrics_url, pid, token = server.target, server.metrics_url, server.pid, None
@@ -446,8 +451,9 @@ def main(argv=None) -> int:
         with LoraplexClient(target, admin_token=token, timeout=60) as admin:
             admin.wait_ready(60)
             slots = []
-            for path in initial:
-                aid = f"{run_tag}-{path.name}"
+            for i in range(args.adapters):
+                path = made[i % len(made)]
+                aid = f"{run_tag}-{path.name}" if len(made) == args.adapters else f"{run_tag}-{i}-{path.name}"
                 admin.upload_adapter(aid, path, timeout=60)
                 slots.append((aid, path.name))
             for aid, _ in slots:  # each loaded once, so the start RSS includes the pool at work

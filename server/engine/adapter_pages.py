@@ -61,8 +61,9 @@ class StagedPart:
     shared_key: Hashable | None  # equal keys: equal factors, stored once on the device
     a_row: int  # its first page in its width's A block of StagedAdapter.data ([pages, 16, in] there)
     bt_row: int  # its first page in its width's Bᵀ block
-    dora: bool = False  # has g
-    scaled: bool = False  # has d or o
+    g: bool = False  # has DoRA's g (a row of its width's g block)
+    d: bool = False  # has d (a row of the d block)
+    o: bool = False  # has o (a row of its width's o block)
 
     @property
     def pages(self) -> int:
@@ -72,10 +73,11 @@ class StagedPart:
 @dataclass(frozen=True)
 class StagedAdapter:
     """An adapter ready to copy to the device (module docstring). `data` holds, in this
-    order, per width: the A pages of the parts of that in-width [n, 16, w], then per
-    width the Bᵀ pages; then, where the adapter has any, per out-width every slice's g
-    [n_w, w] (ones where it has none) and the same for o. `fdata` holds every slice's
-    scale [K] (0: not adapted) and, where the adapter has any, d [K, R] (ones elsewhere)."""
+    order, per in-width the A pages of the parts of that width [pages, 16, w], per
+    out-width their Bᵀ pages, then per out-width the g of the parts that have one
+    [parts, w], and the same for o. `fdata` holds every slice's scale [K] (0: not
+    adapted), then the d of the parts that have one [parts, R] (ones past each rank).
+    Blocks are in part order."""
 
     weights: AdapterWeights  # what it was staged from (metadata; its tensors are not used on the device path)
     parts: tuple[StagedPart, ...]
@@ -83,9 +85,9 @@ class StagedAdapter:
     fdata: torch.Tensor  # [M] float32, pinned on CUDA
     a_blocks: dict[int, Span]  # in-width -> its A pages in data
     bt_blocks: dict[int, Span]  # out-width -> its Bᵀ pages in data
-    g_blocks: dict[int, Span] | None  # out-width -> [n_w, w] in data
-    o_blocks: dict[int, Span] | None
-    rank_scales: Span | None  # [K, R] in fdata
+    g_blocks: dict[int, Span]  # out-width -> [parts with g, w] in data
+    o_blocks: dict[int, Span]  # out-width -> [parts with o, w] in data
+    d_block: Span | None  # [parts with d, R] in fdata
 
     @property
     def nbytes(self) -> int:
@@ -101,7 +103,9 @@ class StagedAdapter:
         bt_rows: dict[int, list[torch.Tensor]] = {w: [] for w in stacks.bt}
         n_a = dict.fromkeys(stacks.a, 0)  # pages so far per width
         n_bt = dict.fromkeys(stacks.bt, 0)
-        g = o = d_rows = None  # width -> [n_w, w]; [K, R]: made at the first part that has them
+        g_rows: dict[int, list[torch.Tensor]] = {w: [] for w in stacks.g}  # out-width -> [w] per part with g
+        o_rows: dict[int, list[torch.Tensor]] = {w: [] for w in stacks.o}
+        d_rows: list[torch.Tensor] = []  # [R] per part with d
         scales = torch.zeros(K, dtype=torch.float32)
         parts = []
         for gi, (layer, names) in enumerate(layout):
@@ -123,16 +127,15 @@ class StagedAdapter:
                 bt_rows[spot.out_width].append(bt)
                 scales[spot.k] = d.scale
                 if d.g is not None:
-                    g = g or {w: torch.ones(t.shape[0], w, dtype=dtype) for w, t in stacks.g.items()}
-                    g[spot.out_width][spot.b] = d.g
+                    g_rows[spot.out_width].append(d.g.to(dtype))
                 if d.out_scale is not None:
-                    o = o or {w: torch.ones(t.shape[0], w, dtype=dtype) for w, t in stacks.o.items()}
-                    o[spot.out_width][spot.b] = d.out_scale
+                    o_rows[spot.out_width].append(d.out_scale.to(dtype))
                 if d.rank_scale is not None:
-                    d_rows = torch.ones(K, R, dtype=torch.float32) if d_rows is None else d_rows
-                    d_rows[spot.k, : d.rank] = d.rank_scale
+                    row = torch.ones(R, dtype=torch.float32)
+                    row[: d.rank] = d.rank_scale
+                    d_rows.append(row)
                 parts.append(StagedPart(gi, si, d.rank, d.shared_key, n_a[spot.in_width], n_bt[spot.out_width],
-                                        dora=d.g is not None, scaled=d.out_scale is not None or d.rank_scale is not None))  # fmt: skip
+                                        g=d.g is not None, d=d.rank_scale is not None, o=d.out_scale is not None))  # fmt: skip
                 n_a[spot.in_width] += n
                 n_bt[spot.out_width] += n
         chunks: list[torch.Tensor] = []
@@ -145,14 +148,15 @@ class StagedAdapter:
 
         a_blocks = {w: put(torch.cat(rows)) for w, rows in a_rows.items() if rows}
         bt_blocks = {w: put(torch.cat(rows)) for w, rows in bt_rows.items() if rows}
-        g_blocks = {w: put(t) for w, t in g.items()} if g else None
-        o_blocks = {w: put(t) for w, t in o.items()} if o else None
+        g_blocks = {w: put(torch.stack(rows)) for w, rows in g_rows.items() if rows}
+        o_blocks = {w: put(torch.stack(rows)) for w, rows in o_rows.items() if rows}
         data = torch.empty(size[0], dtype=dtype, pin_memory=pin)
         torch.cat(chunks, out=data) if chunks else None
-        fchunks = [scales] + ([d_rows.reshape(-1)] if d_rows is not None else [])
+        fchunks = [scales] + ([torch.stack(d_rows).reshape(-1)] if d_rows else [])
         fdata = torch.empty(sum(t.numel() for t in fchunks), dtype=torch.float32, pin_memory=pin)
         torch.cat(fchunks, out=fdata)
-        return cls(weights, tuple(parts), data, fdata, a_blocks, bt_blocks, g_blocks, o_blocks, (K, K + K * R) if d_rows is not None else None)
+        d_block = (K, K + len(d_rows) * R) if d_rows else None
+        return cls(weights, tuple(parts), data, fdata, a_blocks, bt_blocks, g_blocks, o_blocks, d_block)
 
 
 @dataclass
@@ -250,39 +254,45 @@ class AdapterPages:
     # -- tensor writes (any thread) -------------------------------------------------------
     def apply(self, plan: WritePlan) -> None:
         """Writes a plan's adapter into its slot: the staging buffers go to the device in
-        two copies (non-blocking from pinned memory) and the page ids in one, then the
-        stacks take the pages in one index_copy per width and the slot's rows in one copy
-        per kind (AdapterStacks.write)."""
-        staged, dev, stacks = plan.staged, self.device, self.stacks
-        K, MP, P = stacks.num_slices, stacks.max_pages, stacks.num_pages
+        two copies (non-blocking from pinned memory) and the indices in one, then the
+        stacks take the pages and vectors in one index_copy per width and the slot's rows
+        in one copy or fill per kind (AdapterStacks.write)."""
+        staged, dev, stacks, slot = plan.staged, self.device, self.stacks, plan.slot
+        K, MP, P, S = stacks.num_slices, stacks.max_pages, stacks.num_pages, stacks.num_slots
         table = [0] * (K * MP)  # the slot's page-table rows [K, MP]
         ranks = [0] * K
-        a_index = {w: ([], []) for w in staged.a_blocks}  # width -> (flat pages in the stack, rows in the block)
-        bt_index = {w: ([], []) for w in staged.bt_blocks}
+        index: dict[tuple[str, int], tuple[list[int], list[int]]] = {}  # (kind, width) -> (rows in the stack, rows in the block)
+
+        def add(kind: str, width: int, dst, src) -> None:
+            d, s = index.setdefault((kind, width), ([], []))
+            d.extend(dst)
+            s.extend(src)
+
         for p, ids, fresh in zip(staged.parts, plan.page_ids, plan.write_factors):
             spot = stacks.spots[p.group][p.slice]
             table[spot.k * MP : spot.k * MP + len(ids)] = ids
             ranks[spot.k] = p.rank
             if fresh:
-                for (dst, src), stack_row, first in ((a_index[spot.in_width], spot.a, p.a_row), (bt_index[spot.out_width], spot.b, p.bt_row)):
-                    dst.extend(stack_row * P + i for i in ids)
-                    src.extend(range(first, first + len(ids)))
+                add("a", spot.in_width, (spot.a * P + i for i in ids), range(p.a_row, p.a_row + len(ids)))
+                add("bt", spot.out_width, (spot.b * P + i for i in ids), range(p.bt_row, p.bt_row + len(ids)))
+            for kind, has, width, row in (("g", p.g, spot.out_width, spot.b), ("o", p.o, spot.out_width, spot.b), ("d", p.d, 0, spot.k)):
+                if has:
+                    add(kind, width, (row * S + slot,), ())  # rows of [n, S, w] viewed as [n * S, w]
         ints = table + ranks
         spans = {}
-        for key, index in (("a", a_index), ("bt", bt_index)):
-            for w, (dst, src) in index.items():
-                spans[key, w] = len(ints), len(dst)
-                ints += dst + src
+        for key, (dst, src) in index.items():
+            spans[key] = len(ints), len(dst)
+            ints += dst + src
         host = torch.tensor(ints, dtype=torch.int32, pin_memory=dev.type == "cuda")
         data = staged.data.to(dev, non_blocking=True)
         fdata = staged.fdata.to(dev, non_blocking=True)
         ints32 = host.to(dev, non_blocking=True)
         ints64 = ints32.long()
 
-        def pages(blocks: dict[int, Span], key: str) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        def pages(blocks: dict[int, Span], kind: str) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
             out = {}
             for w, (start, end) in blocks.items():
-                at, n = spans[key, w]
+                at, n = spans.get((kind, w), (0, 0))
                 if n == 0:
                     continue  # every part's factors of this width are resident already
                 rows = data[start:end].view(-1, RANK_PAGE, w)  # [block pages, 16, w]
@@ -291,21 +301,28 @@ class AdapterPages:
                 out[w] = ints64[at : at + n], rows
             return out
 
-        def vectors(blocks: dict[int, Span] | None) -> dict[int, torch.Tensor] | None:
-            return None if blocks is None else {w: data[a:b].view(-1, w) for w, (a, b) in blocks.items()}
+        def vectors(blocks: dict[int, Span], kind: str) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+            out = {}
+            for w, (start, end) in blocks.items():
+                at, n = spans[kind, w]
+                out[w] = ints64[at : at + n], data[start:end].view(n, w)
+            return out
 
+        d = None
+        if staged.d_block is not None:
+            at, n = spans["d", 0]
+            d = ints64[at : at + n], fdata[slice(*staged.d_block)].view(n, -1)
         rows = SlotRows(
-            page_table=ints32[: K * MP].view(K, MP), ranks=ints32[K * MP : K * MP + K], scales=fdata[:K],
-            rank_scales=fdata[slice(*staged.rank_scales)].view(K, -1) if staged.rank_scales else None,
-            g=vectors(staged.g_blocks), o=vectors(staged.o_blocks),
+            page_table=ints32[: K * MP].view(K, MP), ranks=ints32[K * MP : K * MP + K], scales=fdata[:K], d=d,
+            g=vectors(staged.g_blocks, "g"), o=vectors(staged.o_blocks, "o"),
             a_pages=pages(staged.a_blocks, "a"), bt_pages=pages(staged.bt_blocks, "bt"),
         )  # fmt: skip
-        stacks.write(plan.slot, rows)
-        dora = {p.group for p in staged.parts if p.dora}
-        scaled = {p.group for p in staged.parts if p.scaled}
+        stacks.write(slot, rows)
+        dora = {p.group for p in staged.parts if p.g}
+        scaled = {p.group for p in staged.parts if p.d or p.o}
         for gi, group in enumerate(self.groups):
-            (group.dora_slots.add if gi in dora else group.dora_slots.discard)(plan.slot)
-            (group.scaled_slots.add if gi in scaled else group.scaled_slots.discard)(plan.slot)
+            (group.dora_slots.add if gi in dora else group.dora_slots.discard)(slot)
+            (group.scaled_slots.add if gi in scaled else group.scaled_slots.discard)(slot)
 
     def write(self, slot: int, weights: AdapterWeights | StagedAdapter) -> None:
         """assign + apply at once, for tools and tests that place adapters by hand."""

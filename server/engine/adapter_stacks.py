@@ -37,18 +37,23 @@ class SliceSpot:
     b: int  # index in bt[out_width], g[out_width] and o[out_width]
 
 
+Rows = tuple[torch.Tensor, torch.Tensor]  # (row index [n] int64 into a stack viewed as [rows, ...], the rows)
+
+
 @dataclass(frozen=True)
 class SlotRows:
-    """Everything one adapter writes into one slot, on the device (AdapterPages.apply)."""
+    """Everything one adapter writes into one slot, on the device (AdapterPages.apply).
+    The vectors' rows index [n_w, S, w] viewed as [n_w * S, w] (row b * S + slot), the
+    pages' [n_w, P, 16, w] viewed as [n_w * P, 16, w] (row a * P + page)."""
 
     page_table: torch.Tensor  # [K, MP] int32, zeros past each slice's pages
     ranks: torch.Tensor  # [K] int32, 0 for a slice the adapter does not adapt
     scales: torch.Tensor  # [K] float32
-    rank_scales: torch.Tensor | None  # [K, R] float32; None: all ones
-    g: dict[int, torch.Tensor] | None  # width -> [n_w, w]; None: all ones
-    o: dict[int, torch.Tensor] | None  # width -> [n_w, w]; None: all ones
-    a_pages: dict[int, tuple[torch.Tensor, torch.Tensor]]  # width -> (flat page index [n] int64, rows [n, 16, w])
-    bt_pages: dict[int, tuple[torch.Tensor, torch.Tensor]]  # the same for Bᵀ
+    d: Rows | None  # into rank_scales: [m, R] float32, for the slices that have d (the rest: ones)
+    g: dict[int, Rows]  # width -> into g[w]: [m_w, w], for the slices that have g (the rest: ones)
+    o: dict[int, Rows]  # the same for o
+    a_pages: dict[int, Rows]  # width -> into a[w]: [n, 16, w], the fresh pages
+    bt_pages: dict[int, Rows]  # the same for Bᵀ
 
 
 class AdapterStacks:
@@ -98,18 +103,15 @@ class AdapterStacks:
         sure that no running request reads the slot or the pages."""
         for stack, pages in ((self.a, rows.a_pages), (self.bt, rows.bt_pages)):
             for w, (index, src) in pages.items():
-                t = stack[w]
-                t.view(-1, RANK_PAGE, w).index_copy_(0, index, src)  # [n_w * P, 16, w]
+                stack[w].view(-1, RANK_PAGE, w).index_copy_(0, index, src)  # [n_w * P, 16, w]
         self.page_table[:, slot].copy_(rows.page_table)
         self.ranks[:, slot].copy_(rows.ranks)
         self.scales[:, slot].copy_(rows.scales)
-        if rows.rank_scales is None:
-            self.rank_scales[:, slot].fill_(1.0)
-        else:
-            self.rank_scales[:, slot].copy_(rows.rank_scales)
+        self.rank_scales[:, slot].fill_(1.0)
+        if rows.d is not None:
+            self.rank_scales.view(-1, self.rank_scales.shape[-1]).index_copy_(0, *rows.d)  # [K * S, R]
         for stack, vectors in ((self.g, rows.g), (self.o, rows.o)):
             for w, t in stack.items():
-                if vectors is None:
-                    t[:, slot].fill_(1.0)
-                else:
-                    t[:, slot].copy_(vectors[w])
+                t[:, slot].fill_(1.0)
+                if w in vectors:
+                    t.view(-1, w).index_copy_(0, *vectors[w])  # [n_w * S, w]

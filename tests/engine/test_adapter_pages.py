@@ -286,5 +286,5 @@ def test_one_adapter_write_is_the_same_few_ops_whatever_the_depth(dora):
             slots = torch.tensor([1, -1, 1, 1, -1], dtype=torch.int32)
             want = dense_forward(g, x, slots, {1: [deltas[i, name] for name in g.names]})
             torch.testing.assert_close(run(g, x, slots, lora_ops("cpu", "torch")), want, atol=1e-4, rtol=1e-4)
-    assert counts[0] == counts[1] <= 20, counts
+    assert counts[0] == counts[1] <= 30, counts  # a few per width and kind, none per layer
 

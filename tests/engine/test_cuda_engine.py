@@ -51,6 +51,28 @@ def test_mixed_batch_on_cuda_gives_solo_tokens(adapter_dirs, nf4_backend):
         engine.shutdown(1.0)
 
 
+def test_adapters_loaded_on_the_side_stream_while_others_decode_give_solo_tokens(adapter_dirs):
+    """Two slots for five adapters: every round evicts and loads while other requests decode,
+    the writes issued by the engine thread on the side stream and joined by events."""
+    engine = Engine.from_config(EngineConfig(model_dir=TINY, device="cuda", dtype="float32", kv_cache_tokens=4096,
+                                             max_batch_tokens=64, adapter_slots=2, max_rank=32))  # fmt: skip
+    for kind, path in adapter_dirs.items():
+        engine.adapters.add(kind, path)
+    engine.start()
+    try:
+        def req(kind, prompt, n=16):
+            return GenerationRequest(engine.tokenizer.encode(prompt), SamplingParams(max_new_tokens=n, ignore_eos=True), adapter_id=kind)
+
+        solo = {(k, p): engine.generate(req(k, p), timeout=120).token_ids for k in KINDS for p in PROMPTS}
+        loads = engine.stats().adapter_loads
+        for _ in range(3):
+            handles = [((k, p), engine.submit(req(k, p))) for p in PROMPTS for k in KINDS]
+            assert {job: h.result(timeout=120).token_ids for job, h in handles} == solo
+        assert engine.stats().adapter_loads > loads + 5 and engine.stats().adapter_load_failures == 0
+    finally:
+        engine.shutdown(1.0)
+
+
 def _decode_batch_tokens(adapter_dirs, graphs: bool):
     engine = Engine.from_config(EngineConfig(model_dir=TINY, device="cuda", dtype="float32", kv_cache_tokens=4096, max_running=16,
                                              max_batch_tokens=256, adapter_slots=8, max_rank=32, cuda_graphs=graphs))  # fmt: skip

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -107,7 +108,9 @@ def write_model_dir(out: Path, s: Shape, device: str, seed: int = 0) -> Path:
         for name, (fan_in, fan_out) in s.module_shapes().items():
             sub = "mlp" if name in ("gate_proj", "up_proj", "down_proj") else "self_attn"
             tensors[f"{p}.{sub}.{name}.weight"] = rand(fan_out, fan_in, std=fan_in**-0.5)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    partial = out / "model.safetensors.partial"  # renamed when whole: a run killed mid-write leaves no model to reuse
+    save_file(tensors, str(partial), metadata={"format": "pt"})
+    os.replace(partial, out / "model.safetensors")
     return out
 
 

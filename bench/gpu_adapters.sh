@@ -16,7 +16,7 @@
 NAME=gpu_adapters
 source "$(dirname "$0")/gpu_steps.sh"
 
-if python3 -c "import loraplex, bitsandbytes" >/dev/null 2>&1 || PYTHONPATH=$HOME/site python3 -c "import loraplex, bitsandbytes" >/dev/null 2>&1; then
+if PYTHONPATH=$HOME/site python3 -P -c "import loraplex.server, bitsandbytes" >/dev/null 2>&1; then  # -P: not the repo's own folder
   export PYTHONPATH=$HOME/site
   echo "== install: found in $HOME/site" | tee -a "$LOG"
 else

@@ -31,7 +31,8 @@ install
 # (-P: the repo root must not shadow the installed package; a PyPI `kernels` exists too).
 # Only the folders that hold GPU tests are collected: the image lacks the HTTP, Ray and
 # hypothesis packages that other test folders import.
-step tests 170 python3 -P -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/engine
+# -v: one line per test as it ends, so that a timed-out run still shows how far it got.
+step tests 170 python3 -P -m pytest -v -m gpu -p no:cacheprovider --durations=15 tests/kernels tests/engine
 
 # 3: short kernel tables
 step lora_kernels 50 python3 bench/lora_kernels.py --phases decode --ranks 16 --budget 0.03 --out "$RESULTS/lora_kernels.json"

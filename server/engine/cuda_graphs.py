@@ -19,6 +19,7 @@ after the replay (it has host-side branches per sampling mode).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -63,22 +64,24 @@ class DecodeGraphs:
         """Captures every bucket (on the calling thread's current stream: the engine's)."""
         device = self.step.device
         torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
+        before = torch.cuda.memory_reserved(device)
         start = time.monotonic()
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(device)
         for b in reversed(self.buckets):  # the largest first: the smaller ones reuse its pool
-            self.step.fill(_dummy(b))
+            fill_for_capture(self.step, b)
             stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream):
                 self.model()  # warm up: Triton compiles, allocator settles
             torch.cuda.current_stream(device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream):
+            # thread_local: the adapter validator may pin host memory meanwhile, which a
+            # global-mode capture would refuse (and be invalidated by)
+            with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
                 self._logits[b] = self.model()
             self._graphs[b] = graph
         torch.cuda.synchronize(device)
-        self.stats = CaptureStats(len(self.buckets), time.monotonic() - start, torch.cuda.memory_allocated(device) - before)
+        self.stats = CaptureStats(len(self.buckets), time.monotonic() - start, torch.cuda.memory_reserved(device) - before)
         log.info("captured CUDA graphs of %d decode buckets (%s) in %.1f s, %.1f MiB",
                  self.stats.buckets, self.buckets, self.stats.seconds, self.stats.bytes / 2**20)  # fmt: skip
         return self.stats
@@ -97,6 +100,9 @@ class DecodeGraphs:
         return self._logits[b][:n]
 
 
-def _dummy(b: int) -> StepInputs:
-    """b decode rows of context 1 on block 0, base only, writing no KV row."""
-    return StepInputs([0] * b, [0] * b, [-1] * b, [-1] * b, list(range(b + 1)), [1] * b, [[0]] * b, list(range(b)))
+def fill_for_capture(step: StepContext, b: int) -> None:
+    """Fills `step` with b decode rows of context 1 on block 0, base only, writing no KV
+    row, and marks its mapping as using adapters: the adapter launchers skip a base-only
+    step, and the captured graph must hold their kernels for the steps that replay it."""
+    step.fill(StepInputs([0] * b, [0] * b, [-1] * b, [-1] * b, list(range(b + 1)), [1] * b, [[0]] * b, list(range(b))))
+    step.mapping = dataclasses.replace(step.mapping, any_adapter=True)

@@ -178,6 +178,9 @@ class DeviceAdapters:
         if self._stream is None:
             self.pages.apply(plan)
             return None
+        # after the work already queued on the engine's stream: a step that returned no
+        # logits (no sync) may still be reading the pages of an adapter evicted since
+        self._stream.wait_stream(torch.cuda.current_stream(self.pages.device))
         with torch.cuda.stream(self._stream):
             self.pages.apply(plan)
             event = torch.cuda.Event()

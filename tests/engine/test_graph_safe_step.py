@@ -1,7 +1,7 @@
 """The decode forward is graph-safe, proven on the CPU: two decode steps of the same
 bucket with different contents (other adapters, other context lengths, other block
-tables) run the same ops with the same shapes, and none of them synchronises with the
-host. The CUDA configuration's ops run in Triton's interpreter (the Triton launches are
+tables) run the same ops with the same shapes as the base-only rows a bucket's graph is
+captured from, and none of them synchronises with the host. The CUDA configuration's ops run in Triton's interpreter (the Triton launches are
 recorded by name, with their tensor arguments' shapes)."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from loraplex.server.engine.adapter_pages import AdapterPages
+from loraplex.server.engine.cuda_graphs import fill_for_capture
 from loraplex.server.engine.step_context import StepContext, StepInputs
 from loraplex.server.model.attention import KVCache
 from loraplex.server.model.loader import LoadSpec, load_model
@@ -90,8 +91,12 @@ def test_two_decode_steps_of_one_bucket_run_the_same_ops_without_a_sync(model):
             logits = model()
         assert logits.shape == (BUCKET, c.vocab_size) and torch.isfinite(logits).all()
         traces.append(rec.ops)
+    fill_for_capture(step, BUCKET)  # what a bucket's graph is captured from: base-only padding rows
+    with Recorder() as rec:
+        model()
     first, second = traces
     assert first == second  # the same ops, in the same order, with the same shapes
+    assert rec.ops == first  # the captured graph holds every kernel a real step of the bucket runs
     names = {op[0] for op in first}
     assert not names & SYNCING, names & SYNCING
     launched = {name for name in names if name.startswith("triton:")}

@@ -6,8 +6,8 @@ ignore_eos), 32 distinct rank-16 LoRA adapters on all seven projections (random,
 non-zero, PEFT directories under the engine's adapter root).
 
 Rows, in one run: loraplex (EngineConfig's defaults on CUDA but for 32 adapter slots and
-a device pool and host cache sized to hold them) with 32 distinct adapters, one for all,
-and none; Hugging Face transformers NF4 (BitsAndBytesConfig, double quantization) + PEFT's
+a device pool and host cache sized to hold them) with 32 distinct adapters, the same
+eager (no CUDA graphs), one for all, and none; Hugging Face transformers NF4 (BitsAndBytesConfig, double quantization) + PEFT's
 mixed-adapter batch (`generate(..., adapter_names=[...])`, the 32 adapters loaded with
 `load_adapter`). Columns: tok/s over the whole run (prefill included), the median decode
 step (loraplex: gaps between a request's token events once every request decodes; PEFT:
@@ -28,6 +28,7 @@ Speed is reported, never asserted; only --smoke's token check sets the exit code
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -173,6 +174,21 @@ def make_engine(args, model_dir: Path, adapter_root: Path, shape: Shape):
     return engine
 
 
+@contextlib.contextmanager
+def eager_steps(engine):
+    """Decode steps without the CUDA graphs and with the layers bound as `--cuda-graphs off`
+    binds them (adapter vectors only where resident adapters have them); the engine must
+    be idle. Private attributes: fine in a bench."""
+    runner = engine.runner
+    graphs, runner.graphs = runner.graphs, None
+    engine.model.bind(runner.step, runner.ops, engine.max_context, static_adapters=False)
+    try:
+        yield
+    finally:
+        engine.model.bind(runner.step, runner.ops, engine.max_context, static_adapters=graphs is not None)
+        runner.graphs = graphs
+
+
 def run_engine(engine, jobs: list[tuple[list[int], str | None]], new_tokens: int) -> dict:
     from loraplex.server.engine.request import GenerationRequest, SamplingParams, TokenEvent
 
@@ -290,7 +306,8 @@ def main(argv=None) -> int:
         g = torch.Generator().manual_seed(1)
         prompts = [[1] + torch.randint(3, shape.vocab, (args.prompt_len - 1,), generator=g).tolist() for _ in range(args.batch)]
         mixed = [(ids, names[i % len(names)]) for i, ids in enumerate(prompts)]
-        workloads = [("loraplex", f"{len(names)} distinct", mixed, len(names)),
+        mixed_label = f"{len(names)} distinct"
+        workloads = [("loraplex", mixed_label, mixed, len(names)),
                      ("loraplex", "1 for all", [(ids, names[0]) for ids in prompts], 1),
                      ("loraplex", "none", [(ids, None) for ids in prompts], 0)]  # fmt: skip
         rows = []
@@ -301,6 +318,9 @@ def main(argv=None) -> int:
             for system, adapters, jobs, k in workloads:
                 rows.append({"system": system, "adapters": adapters, "k": k, **run_engine(engine, jobs, args.new_tokens)})
                 log(f"{system} / {adapters}: {rows[-1]['tok_s']:.1f} tok/s, decode step {rows[-1]['step_ms']} ms")
+            with eager_steps(engine):  # the mixed batch again, eager: what the graphs buy (on the CPU both are eager)
+                rows.insert(1, {"system": "loraplex eager", "adapters": mixed_label, "k": len(names), **run_engine(engine, mixed, args.new_tokens)})
+            log(f"loraplex eager / {mixed_label}: {rows[1]['tok_s']:.1f} tok/s, decode step {rows[1]['step_ms']} ms")
         finally:
             engine.shutdown(1)
             del engine
@@ -348,11 +368,13 @@ def main(argv=None) -> int:
     limit_tok_s = 1e3 * args.batch / mixed_limit["limit_ms"]
     print(f"memory limit for the mixed batch: {limit_tok_s:,.0f} decode tok/s; target >= 50%: {limit_tok_s / 2:,.0f} tok/s "
           f"({'met' if (mixed_limit['pct_limit'] or 0) >= 50 else 'not met'}). Issue baseline: PEFT 72.8 tok/s on an H100.")  # fmt: skip
+    same_eager = sum(a == b for a, b in zip(rows[0]["outputs"], rows[1]["outputs"]))
+    print(f"greedy tokens: loraplex mixed with CUDA graphs == eager for {same_eager}/{len(rows[0]['outputs'])} requests")
     if same is not None:
         print(f"greedy tokens: loraplex mixed == PEFT mixed for {same}/{len(peft['outputs'])} requests")
     payload = {"bench": "engine_e2e", "smoke": args.smoke, "env": common.environment(device), "shape": vars(shape),
                "args": {k: str(v) for k, v in vars(args).items()}, "copy_gbs": bandwidth / 1e9, "mean_context": context,
-               "memory_limit_tok_s": limit_tok_s, "same_tokens_as_peft": same, "peft_error": peft_error,
+               "memory_limit_tok_s": limit_tok_s, "same_tokens_as_peft": same, "same_tokens_graphs_eager": same_eager, "peft_error": peft_error,
                "rows": [{k: v for k, v in r.items() if k != "outputs"} for r in rows]}  # fmt: skip
     path = common.write_json(args.json, "engine_e2e-smoke" if args.smoke else "engine_e2e", payload)
     print(f"wrote {path}", file=sys.stderr)

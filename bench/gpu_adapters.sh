@@ -5,7 +5,7 @@
 # directory; on a fresh machine it installs and writes the model itself, and the cold
 # adapter bench may not finish in its budget). Command `bash bench/gpu_adapters.sh`,
 # carry [".whl"], timeout_s 260.
-#   1 install, unless gpu_check's is there                                             40 s
+#   1 install, unless gpu_check's is there                                             30 s
 #   2 cold adapters under steady decode, 8 layers of Llama-3-8B (bench/cold_adapter.py):
 #     step p99 with loads in flight against the no-load p50 (target <= 1.1x), cold
 #     TTFT from the host cache against warm (target <= warm + 20 ms)                  130 s

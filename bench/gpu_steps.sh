@@ -53,7 +53,7 @@ optional() { # name, seconds, bench file, args...: runs the bench if another eng
 }
 
 install() { # the wheels and the project into $HOME/site, no index, no deps (the later steps need it on the path)
-  step install 40 bash -c '
+  step install 30 bash -c '
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$HOME/site" .whl/*.whl &&
       python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade --target "$HOME/site" . &&
       nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv'

@@ -60,8 +60,8 @@ class LoraType:
             g = None
             if config.use_dora:
                 m = expect(ts, MAGNITUDE, (out,), key, base)  # [out]
-                w = base.dense_weight(*key).float()  # [out, in]
-                g = m / torch.linalg.norm(w + scale * (b @ a), dim=1)
+                w = base.dense_weight(*key).float()  # [out, in], on the base's device (a GPU: dequantized there)
+                g = m / torch.linalg.norm(w + scale * (b.to(w.device) @ a.to(w.device)), dim=1).cpu()
             modules[key] = delta(key, a, b, float(scale), g, dtype, base=base, sources=sources)
         return AdapterWeights(adapter_type="dora" if config.use_dora else "lora", modules=modules, config=dict(config.raw))
 

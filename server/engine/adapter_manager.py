@@ -127,6 +127,12 @@ class AdapterManager:
         self._validator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-validator")
         self._validating: list[Future] = []
         self.load_failures = 0
+        # conversions' device work (DoRA's ‖W + s·B·A‖, the numerics' ‖W‖ of NF4 weights
+        # dequantized on the device) on a stream of their own, not queued with the steps'
+        self._convert_stream = None
+        if model.device.type == "cuda":
+            self._convert_stream = torch.cuda.Stream(model.device)
+            self._convert_stream.wait_stream(torch.cuda.current_stream(model.device))  # after the model's loading
 
     @property
     def num_slots(self) -> int:
@@ -138,7 +144,8 @@ class AdapterManager:
         from loraplex.adapters.loader import load_adapter_dir
 
         try:
-            return load_adapter_dir(Path(path), self._base, max_rank=self._max_rank, dtype=self._dtype, max_bytes=self._max_adapter_bytes)
+            with torch.cuda.stream(self._convert_stream):  # None (CPU): no-op
+                return load_adapter_dir(Path(path), self._base, max_rank=self._max_rank, dtype=self._dtype, max_bytes=self._max_adapter_bytes)
         except Exception:
             with self._lock:
                 self.load_failures += 1

@@ -8,8 +8,10 @@ Llama-3-8B's with 8 and 32 layers.
 
 The layers are AdapterLinears over a stand-in base (the write never touches the base),
 in the order a LlamaModel gives them, so the pools, slots and views are the server's.
-A write's time on the calling thread is what a load costs the thread that issues it: on
-the CPU the copies themselves, on CUDA the launches (the copies run on the side stream).
+A write's time on the calling thread ("issue") is what a load costs the thread that
+issues it: on the CPU the copies themselves, on CUDA the launches (the copies run on the
+stream); "done" is until the device has finished it (a synchronize), and GB/s is the
+staged bytes over that.
 """
 
 from __future__ import annotations
@@ -91,24 +93,27 @@ def measure(shape_name: str, kind: str, args, device: torch.device) -> dict:
     staged = pages.stage(random_adapter(shape, args.rank, kind == "dora", gen))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def write(slot: int) -> float:
+    def write(slot: int) -> tuple[float, float]:
+        """(seconds to issue the write on this thread, seconds until it is done on the device)."""
         pages.release(slot)
         plan = pages.assign(slot, staged)
         t0 = time.perf_counter()
         pages.apply(plan)
         issued = time.perf_counter() - t0
         sync()
-        return issued
+        return issued, time.perf_counter() - t0
 
     for i in range(2):
         write(i % args.slots)  # warm-up
-    times = [write(i % args.slots) for i in range(args.iters)]
+    timed = [write(i % args.slots) for i in range(args.iters)]
+    times, done = [t for t, _ in timed], [d for _, d in timed]
     counter = OpCounter()
     with counter:
         write(0)
     return {"shape": shape_name, "layers": shape.layers, "kind": kind, "rank": args.rank,
             "staged_mb": staged.nbytes / 2**20, "ops": counter.ops,
-            "issue_ms_p50": 1e3 * statistics.median(times), "issue_ms_max": 1e3 * max(times)}  # fmt: skip
+            "issue_ms_p50": 1e3 * statistics.median(times), "issue_ms_max": 1e3 * max(times),
+            "done_ms_p50": 1e3 * statistics.median(done), "gbs": staged.nbytes / statistics.median(done) / 1e9}  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -131,7 +136,8 @@ def main(argv=None) -> int:
     print(f"one adapter write (AdapterPages.apply), rank {args.rank}, all 7 projections, {args.dtype} on {device}")
     common.print_table(rows, [("shape", "shape", "s"), ("layers", "layers", "d"), ("kind", "kind", "s"),
                               ("staged_mb", "staged MiB", ".2f"), ("ops", "aten ops", "d"),
-                              ("issue_ms_p50", "issue ms p50", ".2f"), ("issue_ms_max", "issue ms max", ".2f")])  # fmt: skip
+                              ("issue_ms_p50", "issue ms p50", ".2f"), ("issue_ms_max", "issue ms max", ".2f"),
+                              ("done_ms_p50", "done ms p50", ".2f"), ("gbs", "staged GB/s", ".1f")])  # fmt: skip
     path = common.write_json(args.json, "adapter_writes", {"args": vars(args), "env": common.environment(device), "rows": rows})
     print(f"wrote {path}")
     return 0

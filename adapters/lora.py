@@ -27,6 +27,7 @@ from .registry import AdapterTensors, TensorNames, delta, expect
 
 LORA_A = "lora_A.weight"
 LORA_B = "lora_B.weight"
+DORA_GPU_ROWS = 1024  # rows of W + s·B·A at a time on a GPU (dora_norm)
 MAGNITUDE = "lora_magnitude_vector"  # PEFT >= 0.12 saves DoRA's magnitude under this key (no ".weight")
 
 
@@ -61,9 +62,19 @@ class LoraType:
             if config.use_dora:
                 m = expect(ts, MAGNITUDE, (out,), key, base)  # [out]
                 w = base.dense_weight(*key).float()  # [out, in], on the base's device (a GPU: dequantized there)
-                g = m / torch.linalg.norm(w + scale * (b.to(w.device) @ a.to(w.device)), dim=1).cpu()
+                g = m / dora_norm(w, a, b, scale, rows=None if w.device.type == "cpu" else DORA_GPU_ROWS)
             modules[key] = delta(key, a, b, float(scale), g, dtype, base=base, sources=sources)
         return AdapterWeights(adapter_type="dora" if config.use_dora else "lora", modules=modules, config=dict(config.raw))
+
+
+def dora_norm(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, rows: int | None = None) -> torch.Tensor:
+    """‖W + s·B·A‖₂ per output row ([out] on the host), computed where W is ([out, in],
+    the base's device), in chunks of `rows` rows (None: one piece). The whole [out, in]
+    sum is three such buffers at once, 700 MB for Llama-3-8B's MLP: the GPU chunks it
+    (DORA_GPU_ROWS); the CPU does not, so that its bits stay PEFT's."""
+    a, b = a.to(w.device), b.to(w.device)
+    step = rows or w.shape[0]
+    return torch.cat([torch.linalg.norm(w[i : i + step] + scale * (b[i : i + step] @ a), dim=1) for i in range(0, w.shape[0], step)]).cpu()
 
 
 LORA = LoraType()

@@ -109,6 +109,18 @@ def test_dora_uses_dequantized_nf4_weight(tmp_path, kit, load):
     assert not torch.allclose(g1, g2, rtol=1e-4)
 
 
+def test_dora_norm_in_row_chunks_matches_one_piece():
+    """What a GPU computes (chunks of W + s·B·A rows) against what the CPU does (one piece)."""
+    from loraplex.adapters.lora import dora_norm
+
+    gen = torch.Generator().manual_seed(0)
+    w, a, b = torch.randn(37, 24, generator=gen), torch.randn(5, 24, generator=gen), torch.randn(37, 5, generator=gen)
+    whole = dora_norm(w, a, b, 0.7)
+    torch.testing.assert_close(whole, torch.linalg.norm(w + 0.7 * (b @ a), dim=1), rtol=0, atol=0)
+    for rows in (1, 8, 36, 37, 100):
+        torch.testing.assert_close(dora_norm(w, a, b, 0.7, rows=rows), whole)
+
+
 def _perturb_vera(model):
     for n, p in model.named_parameters():
         if "vera_lambda_" in n:

@@ -26,7 +26,9 @@ feeds one token per row) with and without adapter loads in flight, two ways:
             writes unreaped (`DeviceAdapters._loading`) when the step starts;
   overlap   a loader conversion (`AdapterManager._reload`) or a device write
             (`DeviceAdapters._write`) ran during the step (both wrapped here to log
-            their intervals; on CUDA a write's interval is its issue time, not the copy);
+            their intervals; on CUDA a write counts twice: the time the engine thread
+            issued it, and the copy's interval on the GPU's timeline, from timing
+            events on the side stream around it);
 and, since a step's cost drifts with its contexts and the machine's load (on a shared
 2-core machine the no-load p99 alone is 1.5-2x its p50), paired: each loaded step over
 the median of the 20 no-load steps nearest to it in time. Also TTFT (first TokenEvent time − arrival, both time.monotonic()) of warm requests and of
@@ -105,6 +107,13 @@ class Bench:
         self.probes: list[Probe] = []
         self.decoders: list = []
         self.stopping = False
+        self.gpu_writes: list = []  # (start, end) CUDA timing events of each device write, on the side stream
+        self._gpu_ref = None  # (CUDA timing event, its host time): maps the events to time.monotonic()
+        if engine.model.device.type == "cuda":
+            ref = torch.cuda.Event(enable_timing=True)
+            ref.record()
+            torch.cuda.synchronize()
+            self._gpu_ref = (ref, time.monotonic())
         self._instrument()
 
     # -- instrumentation (private attributes: a bench may) ---------------------------------------
@@ -136,8 +145,21 @@ class Bench:
 
             return run
 
+        def gpu_timed_write(plan):
+            """On CUDA the write is issued here and copied on the side stream afterwards:
+            timing events around it on that stream give the copy's interval (`gpu_copies`)."""
+            stream = a.device._stream
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            try:
+                return write(plan)
+            finally:
+                end.record(stream)
+                self.gpu_writes.append((start, end))
+
         e.scheduler.schedule, e.step = timed_schedule, timed_step  # the engine loop calls self.step()
-        a._reload, a.device._write = logged(reload, "convert"), logged(write, "write")  # executors call self._reload / self._write
+        a._reload = logged(reload, "convert")  # executors call self._reload / self._write
+        a.device._write = logged(gpu_timed_write if a.device._stream is not None else write, "write")
 
     # -- driving ---------------------------------------------------------------------------------
     def prompt(self, n: int) -> list[int]:
@@ -240,11 +262,23 @@ class Bench:
     def overlaps(self, t0: float, t1: float, kind: str) -> bool:
         return any(s < t1 and e > t0 for s, e, k, _ in self.loads if k == kind)
 
+    def gpu_copies(self) -> list[tuple[float, float, str, None]]:
+        """The device writes' intervals on the GPU's timeline ("copy"), in time.monotonic()
+        seconds (from the side stream reaching the write, so a wait for the engine stream's
+        queued work is included)."""
+        if self._gpu_ref is None:
+            return []
+        torch.cuda.synchronize()
+        ref, t_ref = self._gpu_ref
+        return [(t_ref + ref.elapsed_time(a) / 1e3, t_ref + ref.elapsed_time(b) / 1e3, "copy", None) for a, b in self.gpu_writes]
+
     def results(self) -> dict:
         gpu = self.engine.model.device.type == "cuda"
+        self.loads += self.gpu_copies()  # a step overlapping a copy on the device overlaps a load
         lo, hi = self.phases["quiet"][0], self.phases["quiet-end"][1]
         # (t0, t1, loads at start, overlaps a conversion, overlaps a device write)
-        dec = [(t0, t1, start, self.overlaps(t0, t1, "convert"), self.overlaps(t0, t1, "write"))
+        dec = [(t0, t1, start, self.overlaps(t0, t1, "convert"),
+                self.overlaps(t0, t1, "write") or self.overlaps(t0, t1, "copy"))
                for t0, t1, start, _, d in self.steps if d and lo <= t0 <= hi]  # fmt: skip
         ms = lambda sel: [1e3 * (t1 - t0) for t0, t1, *_ in sel]
         quiet = ms([s for s in dec if not any(s[2:])])
@@ -279,13 +313,14 @@ class Bench:
         s = self.engine.stats()
         conv = [1e3 * (e - b) for b, e, k, _ in self.loads if k == "convert"]
         write = [1e3 * (e - b) for b, e, k, _ in self.loads if k == "write"]
+        copy = [1e3 * (e - b) for b, e, k, _ in self.loads if k == "copy"]
         converted = [a for *_, k, a in self.loads if k == "convert"]
         repeats = {a: converted.count(a) for a in sorted(set(converted)) if converted.count(a) > 1}
         mislabeled = {k: len(v) for k, v in ttft.items() if k not in ("warm-device", "cold-disk", "cold-host")}
         return {"rows": rows, "ttft_points": ttft, "phases": {k: [a - self.t_start, b - self.t_start] for k, (a, b) in self.phases.items()},
                 "step_points": [(t0 - self.t_start, 1e3 * (t1 - t0), start, conv or wr) for t0, t1, start, conv, wr in dec],
                 "paired_ratio": {"p50": pct(paired, 0.5), "p99": pct(paired, 0.99), "n": len(paired), "target": factor, "neighbours": NEIGHBOURS},
-                "convert_ms_p50": pct(conv, 0.5), "write_ms_p50": pct(write, 0.5), "converts": len(conv), "writes": len(write), "converted_more_than_once": repeats,
+                "convert_ms_p50": pct(conv, 0.5), "write_ms_p50": pct(write, 0.5), "copy_ms_p50": pct(copy, 0.5), "converts": len(conv), "writes": len(write), "converted_more_than_once": repeats,
                 "unexpected_probe_states": mislabeled, "host_cache_bytes": self.engine.adapters.host.nbytes,
                 "host_cache_budget": self.engine.adapters.host.budget_bytes, "stats": dataclasses.asdict(s),
                 "failed_probes": sum(p.handle.finished.error is not None for p in self.probes)}  # fmt: skip
@@ -377,7 +412,8 @@ def main(argv=None) -> int:
     print(f"host cache {out['host_cache_bytes'] / 2**20:.1f} MiB of {out['host_cache_budget'] / 2**20:.0f} MiB; "
           f"adapter loads {st['adapter_loads']}, evictions {st['adapter_evictions']}, load failures {st['adapter_load_failures']}, "
           f"preemptions {st['preemptions']}, steps {st['steps']}; loader conversions {out['converts']} "
-          f"(p50 {out['convert_ms_p50'] or 0:.1f} ms), device writes {out['writes']} (p50 {out['write_ms_p50'] or 0:.2f} ms)")  # fmt: skip
+          f"(p50 {out['convert_ms_p50'] or 0:.1f} ms), device writes {out['writes']} (p50 {out['write_ms_p50'] or 0:.2f} ms"
+          + (f"; their copies on the device p50 {out['copy_ms_p50']:.2f} ms)" if out["copy_ms_p50"] is not None else ")"))  # fmt: skip
     pr = out["paired_ratio"]
     if pr["n"]:
         print(f"steps overlapping a load over the median of the {pr['neighbours']} no-load steps nearest in time (the drift of the "

@@ -9,7 +9,10 @@ from dataclasses import dataclass
 from loraplex.server.engine.request import RequestHandle
 
 
-@dataclass
+MAX_PENDING_TOKENS = 16  # a UTF-8 character is at most 4 bytes, i.e. 4 byte tokens
+
+
+@dataclass(eq=False)  # identity: the scheduler's `seq in self.running` must not compare token lists
 class Sequence:
     handle: RequestHandle
     adapter_key: object | None  # AdapterKey, None = base model
@@ -22,6 +25,11 @@ class Sequence:
     text: str = ""  # decoded text of the generated tokens (stop string cut off)
     emitted_chars: int = 0  # characters of `text` streamed so far
     first_token_time: float | None = None
+    # incremental detokenization (update_text): the text of generated[:read_offset], and
+    # where the window decoded each step starts (one token of context before the new ones)
+    committed_text: str = ""
+    prefix_offset: int = 0
+    read_offset: int = 0
 
     @property
     def seq_id(self) -> str:
@@ -41,9 +49,27 @@ class Sequence:
         return len(self.tokens) - self.num_computed
 
     def update_text(self, decode) -> tuple[str, bool]:
-        """Re-decodes the generated tokens; returns (new text to stream, hit a stop string).
-        Holds back an incomplete UTF-8 character and any suffix that may start a stop string."""
-        full = decode(self.generated)
+        """Decodes the new tokens; returns (new text to stream, hit a stop string). Holds
+        back an incomplete UTF-8 character and any suffix that may start a stop string.
+
+        Incremental, as TGI and vLLM do it: each step decodes only a window from
+        prefix_offset (the tokens of the last committed piece, whose text gives the new
+        tokens their context: SentencePiece's leading spaces, byte-level merges) and keeps
+        the part past the window's committed prefix. Re-decoding the whole output every
+        step cost O(length) per token: the engine's host work per decode step at batch 32
+        was 0.8, 1.7 and 4.4 ms at 64, 256 and 768 tokens, now 0.44-0.48 ms at all three
+        (bench/step_host.py, CPU). A piece that ends in an incomplete UTF-8 character stays
+        uncommitted (in `text`, not in `committed_text`) until a later token completes it,
+        or MAX_PENDING_TOKENS have piled up (invalid bytes that nothing will complete: the
+        window must not grow with the output)."""
+        p, n = self.num_prompt, len(self.tokens) - self.num_prompt  # offsets count generated tokens
+        prefix = decode(self.tokens[p + self.prefix_offset : p + self.read_offset])
+        tail = decode(self.tokens[p + self.prefix_offset :])[len(prefix) :]
+        if tail and (not tail.endswith("\ufffd") or n - self.read_offset >= MAX_PENDING_TOKENS):
+            self.committed_text += tail
+            self.prefix_offset, self.read_offset = self.read_offset, n
+            tail = ""
+        full = self.committed_text + tail
         stops = self.params.stop_strings
         hit = False
         if stops:

@@ -90,3 +90,13 @@ def test_a_stop_string_across_tokens_is_cut_and_never_streamed():
         delta, hit = seq.update_text(decode)
         streamed += delta
     assert hit and seq.text == "the " and "cat" not in streamed
+
+
+def test_the_tokenizers_decode_is_transformers_decode():
+    """Tokenizer.decode calls the Rust tokenizer directly where transformers' decode is exactly that."""
+    tok = Tokenizer(TINY)
+    assert tok._backend is not None  # the bundled model's is the stock fast tokenizer
+    rng = random.Random(2)
+    for _ in range(500):
+        ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randrange(30))]  # special tokens among them
+        assert tok.decode(ids) == tok._tok.decode(ids, skip_special_tokens=True)

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from loraplex.server.grpc.status import MAX_DETAILS_BYTES
 from loraplex.v1 import admin_pb2, generate_pb2
+from lora_dirs import layout, raw_safetensors
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example])  # fmt: skip
@@ -366,7 +367,7 @@ def fuzzed_adapters(draw, kit) -> dict[str, bytes]:
         config_bytes = json.dumps(config).encode()
     except ValueError:  # an int past json's digit limit: the file holds it, as a hand-written one could
         config_bytes = json.dumps({k: v for k, v in config.items() if k != "r"}).encode()[:-1] + b', "r": ' + b"9" * 5000 + b"}"
-    return {"adapter_config.json": config_bytes, "adapter_model.safetensors": _safetensors(tensors)}
+    return {"adapter_config.json": config_bytes, "adapter_model.safetensors": raw_safetensors(*layout(tensors))}  # by hand: any name (even "") goes in
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ import torch
 from loraplex.client import LoraplexClient
 from loraplex.v1 import admin_pb2, admin_pb2_grpc
 from live_server import code_of
+from lora_dirs import layout, raw_safetensors
 
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 GEN = dict(max_new_tokens=8, ignore_eos=True)  # greedy
@@ -74,23 +75,6 @@ def stub(hardened, kit):
 def small_lora(kit, rank: int = 2, seed: int = 0, targets=("q_proj",)) -> dict[str, bytes]:
     """The two files of a valid LoRA on q_proj (a few KiB)."""
     return {CONFIG: kit.lora_config(rank, targets), WEIGHTS: kit.safetensors_bytes(kit.lora_tensors(rank, targets, seed))}
-
-
-def raw_safetensors(header, data: bytes, declared: int | None = None) -> bytes:
-    """A safetensors file written by hand: 8-byte length (or `declared`), header, data."""
-    h = header if isinstance(header, bytes) else json.dumps(header, separators=(",", ":")).encode()
-    return (len(h) if declared is None else declared).to_bytes(8, "little") + h + data
-
-
-def layout(tensors: dict[str, torch.Tensor]) -> tuple[dict, bytes]:
-    """The header entries and data section safetensors would write for `tensors` (F32)."""
-    header, chunks, offset = {}, [], 0
-    for name, t in tensors.items():
-        b = t.contiguous().numpy().tobytes()
-        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + len(b)]}
-        chunks.append(b)
-        offset += len(b)
-    return header, b"".join(chunks)
 
 
 def broken_safetensors(kit) -> dict[str, bytes]:

@@ -52,6 +52,23 @@ def safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
     return save(tensors)
 
 
+def raw_safetensors(header, data: bytes, declared: int | None = None) -> bytes:
+    """A safetensors file written by hand: 8-byte length (or `declared`), header, data."""
+    h = header if isinstance(header, bytes) else json.dumps(header, separators=(",", ":")).encode()
+    return (len(h) if declared is None else declared).to_bytes(8, "little") + h + data
+
+
+def layout(tensors: dict[str, torch.Tensor]) -> tuple[dict, bytes]:
+    """The header entries and data section safetensors would write for `tensors` (F32)."""
+    header, chunks, offset = {}, [], 0
+    for name, t in tensors.items():
+        b = t.contiguous().numpy().tobytes()
+        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + len(b)]}
+        chunks.append(b)
+        offset += len(b)
+    return header, b"".join(chunks)
+
+
 def write_adapter(out: Path, config: bytes, weights: bytes) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "adapter_config.json").write_bytes(config)

@@ -34,13 +34,6 @@ TINY = Path(loraplex.__file__).parent / "assets" / "tiny-llama"
 SUPPORT = Path(__file__).resolve().parent.parent / "tests" / "support"
 
 
-def pump(engine) -> None:
-    """What the engine thread does before each step: move submitted requests to the scheduler."""
-    with engine._lock:
-        incoming, engine._incoming = engine._incoming, []
-    engine.scheduler.waiting.extend(incoming)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -72,7 +65,7 @@ def main(argv=None) -> int:
         params = SamplingParams(max_new_tokens=max(args.lengths) + args.steps + 8, ignore_eos=True)
         for i in range(args.batch):
             engine.submit(GenerationRequest([1] + [3 + (7 * i + j) % (vocab - 3) for j in range(8)], params, adapter_id=f"a{i % args.adapters}"))
-        pump(engine)
+        common.pump_submitted(engine)
         logits: dict[int, torch.Tensor] = {}
         real_run = engine.runner.run
 

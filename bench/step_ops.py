@@ -277,13 +277,6 @@ class Probes:
             undo()
 
 
-def _pump(engine) -> None:
-    """What the engine thread does before each step: move submitted requests to the scheduler."""
-    with engine._lock:
-        incoming, engine._incoming = engine._incoming, []
-    engine.scheduler.waiting.extend(incoming)
-
-
 def build_engine(args, adapter_root: Path):
     from loraplex.server.engine.config import EngineConfig
     from loraplex.server.engine.engine import Engine
@@ -298,7 +291,7 @@ def run_until(engine, done, max_steps: int = 2000) -> None:
     for _ in range(max_steps):
         if done():
             return
-        _pump(engine)
+        common.pump_submitted(engine)
         engine.step()
     raise RuntimeError("the engine did not reach the wanted state")
 
@@ -329,7 +322,7 @@ def measure(args) -> dict:
                 return not sched.waiting and not engine._incoming and len(run) == args.batch and all(s.pending == 1 for s in run)
 
             run_until(engine, all_decoding)
-            _pump(engine)  # two more decode steps first: caches, allocator, mapping buffers settled
+            common.pump_submitted(engine)  # two more decode steps first: caches, allocator, mapping buffers settled
             engine.step()
             engine.step()
             cache = engine.runner.cache

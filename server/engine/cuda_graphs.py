@@ -19,7 +19,6 @@ after the replay (it has host-side branches per sampling mode).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -102,7 +101,6 @@ class DecodeGraphs:
 
 def fill_for_capture(step: StepContext, b: int) -> None:
     """Fills `step` with b decode rows of context 1 on block 0, base only, writing no KV
-    row, and marks its mapping as using adapters: the adapter launchers skip a base-only
-    step, and the captured graph must hold their kernels for the steps that replay it."""
+    row: what a bucket's graph is captured from. The layers, bound static, still run the
+    adapter kernels on it (AdapterLinear.forward), so the graph holds them."""
     step.fill(StepInputs([0] * b, [0] * b, [-1] * b, [-1] * b, list(range(b + 1)), [1] * b, [[0]] * b, list(range(b))))
-    step.mapping = dataclasses.replace(step.mapping, any_adapter=True)

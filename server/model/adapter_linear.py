@@ -17,6 +17,7 @@ where they are written: one adapter's load is a few ops for the whole model.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import torch
@@ -77,8 +78,10 @@ class AdapterLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, in] -> [T, sum out_i], with the bound step's token→slot mapping."""
         mapping, ops = self.step.mapping, self.ops
+        if self.static and not mapping.any_adapter:  # the launchers skip a base-only step; static must not
+            mapping = dataclasses.replace(mapping, any_adapter=True)
         y = self.base(x)  # [T, sum out]: one matmul for the group
-        if mapping.any_adapter or self.static:
+        if mapping.any_adapter:
             scaled = self.static or bool(self.scaled_slots)
             t = ops.shrink(x, self.a_pages, self.page_table, self.ranks, mapping, rank_scale=self.rank_scales if scaled else None)  # [n, T, R]
             g = self.g_stacks if self.static or self.dora_slots else None

@@ -328,20 +328,6 @@ class _TinyView:
         return torch.randn(self.shapes[name], generator=self.gen) * 0.02
 
 
-def _safetensors(tensors: dict) -> bytes:
-    """A safetensors file written by hand, so that any name (even "") goes in."""
-    import json
-
-    header, chunks, offset = {}, [], 0
-    for name, t in tensors.items():
-        b = t.contiguous().numpy().tobytes()
-        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + len(b)]}
-        chunks.append(b)
-        offset += len(b)
-    h = json.dumps(header).encode()
-    return len(h).to_bytes(8, "little") + h + b"".join(chunks)
-
-
 @st.composite
 def fuzzed_adapters(draw, kit) -> dict[str, bytes]:
     """The two files of a rank-2 LoRA on q_proj and v_proj with one config field or some

@@ -7,7 +7,8 @@ non-zero, PEFT directories under the engine's adapter root).
 
 Rows, in one run: loraplex (EngineConfig's defaults on CUDA but for 32 adapter slots and
 a device pool and host cache sized to hold them) with 32 distinct adapters, the same
-eager (no CUDA graphs), one for all, and none; Hugging Face transformers NF4 (BitsAndBytesConfig, double quantization) + PEFT's
+eager (no CUDA graphs), the same with sync steps (each step's tokens read before the
+next step is launched: what overlapped steps buy), one for all, and none; Hugging Face transformers NF4 (BitsAndBytesConfig, double quantization) + PEFT's
 mixed-adapter batch (`generate(..., adapter_names=[...])`, the 32 adapters loaded with
 `load_adapter`). Columns: tok/s over the whole run (prefill included), the median decode
 step (loraplex: gaps between a request's token events once every request decodes; PEFT:
@@ -189,6 +190,17 @@ def eager_steps(engine):
         runner.graphs = graphs
 
 
+@contextlib.contextmanager
+def sync_steps(engine):
+    """Steps as `--overlap-steps off` runs them; the engine must be idle (a private
+    attribute: fine in a bench)."""
+    overlap, engine.overlap = engine.overlap, False
+    try:
+        yield
+    finally:
+        engine.overlap = overlap
+
+
 def run_engine(engine, jobs: list[tuple[list[int], str | None]], new_tokens: int) -> dict:
     from loraplex.server.engine.request import GenerationRequest, SamplingParams, TokenEvent
 
@@ -321,6 +333,9 @@ def main(argv=None) -> int:
             with eager_steps(engine):  # the mixed batch again, eager: what the graphs buy (on the CPU both are eager)
                 rows.insert(1, {"system": "loraplex eager", "adapters": mixed_label, "k": len(names), **run_engine(engine, mixed, args.new_tokens)})
             log(f"loraplex eager / {mixed_label}: {rows[1]['tok_s']:.1f} tok/s, decode step {rows[1]['step_ms']} ms")
+            with sync_steps(engine):  # and with sync steps: what overlapping the host's work buys (on the CPU all are sync)
+                rows.insert(2, {"system": "loraplex sync steps", "adapters": mixed_label, "k": len(names), **run_engine(engine, mixed, args.new_tokens)})
+            log(f"loraplex sync steps / {mixed_label}: {rows[2]['tok_s']:.1f} tok/s, decode step {rows[2]['step_ms']} ms")
         finally:
             engine.shutdown(1)
             del engine
@@ -369,12 +384,15 @@ def main(argv=None) -> int:
     print(f"memory limit for the mixed batch: {limit_tok_s:,.0f} decode tok/s; target >= 50%: {limit_tok_s / 2:,.0f} tok/s "
           f"({'met' if (mixed_limit['pct_limit'] or 0) >= 50 else 'not met'}). Issue baseline: PEFT 72.8 tok/s on an H100.")  # fmt: skip
     same_eager = sum(a == b for a, b in zip(rows[0]["outputs"], rows[1]["outputs"]))
-    print(f"greedy tokens: loraplex mixed with CUDA graphs == eager for {same_eager}/{len(rows[0]['outputs'])} requests")
+    same_sync = sum(a == b for a, b in zip(rows[0]["outputs"], rows[2]["outputs"]))
+    print(f"greedy tokens: loraplex mixed with CUDA graphs == eager for {same_eager}/{len(rows[0]['outputs'])} requests, "
+          f"overlapped == sync steps for {same_sync}")
     if same is not None:
         print(f"greedy tokens: loraplex mixed == PEFT mixed for {same}/{len(peft['outputs'])} requests")
     payload = {"bench": "engine_e2e", "smoke": args.smoke, "env": common.environment(device), "shape": vars(shape),
                "args": {k: str(v) for k, v in vars(args).items()}, "copy_gbs": bandwidth / 1e9, "mean_context": context,
-               "memory_limit_tok_s": limit_tok_s, "same_tokens_as_peft": same, "same_tokens_graphs_eager": same_eager, "peft_error": peft_error,
+               "memory_limit_tok_s": limit_tok_s, "same_tokens_as_peft": same, "same_tokens_graphs_eager": same_eager,
+               "same_tokens_overlapped_sync": same_sync, "peft_error": peft_error,
                "rows": [{k: v for k, v in r.items() if k != "outputs"} for r in rows]}  # fmt: skip
     path = common.write_json(args.json, "engine_e2e-smoke" if args.smoke else "engine_e2e", payload)
     print(f"wrote {path}", file=sys.stderr)

@@ -91,15 +91,15 @@ class Recorder:
         self.rows: dict[str, dict[int, tuple[torch.Tensor, int]]] = {}  # request id -> index -> (logits [vocab], step)
         self.slot_of: dict[str, int] = {}  # request id -> slot
 
-    def __call__(self, plan):
-        logits = self._run(plan)
+    def __call__(self, plan, **kw):
+        logits = self._run(plan, **kw)
         step = len(self.steps)
         self.steps.append((len(plan), sum(i.num_tokens for i in plan), sum(i.num_tokens > 1 for i in plan),
                            tuple(i.seq.slot for i in plan)))  # fmt: skip
         wanting = [i.seq for i in plan if i.wants_logits]  # before the engine advances num_computed
         cpu = logits.detach().float().cpu()
         for row, seq in enumerate(wanting):
-            self.rows.setdefault(seq.seq_id, {})[len(seq.tokens) - seq.num_prompt] = (cpu[row].clone(), step)
+            self.rows.setdefault(seq.seq_id, {})[seq.num_tokens - seq.num_prompt] = (cpu[row].clone(), step)
             self.slot_of[seq.seq_id] = seq.slot
         return logits
 

@@ -69,7 +69,7 @@ def main(argv=None) -> int:
         logits: dict[int, torch.Tensor] = {}
         real_run = engine.runner.run
 
-        def fixed_logits(plan):
+        def fixed_logits(plan, carry_from=None):
             n = sum(1 for item in plan if item.wants_logits)
             if n not in logits:
                 logits[n] = torch.randn(n, vocab, device=engine.model.device)

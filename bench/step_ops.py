@@ -283,7 +283,8 @@ def build_engine(args, adapter_root: Path):
 
     cfg = EngineConfig(model_dir=TINY, adapter_root=adapter_root, device=args.device, dtype=args.dtype,
                        lora_backend="triton", kernel_backend=args.kernels, adapter_slots=args.adapters, max_rank=args.rank,
-                       max_batch_tokens=2048, max_running=max(64, args.batch), kv_cache_tokens=8192)  # fmt: skip
+                       max_batch_tokens=2048, max_running=max(64, args.batch), kv_cache_tokens=8192,
+                       overlap_steps=args.overlap_steps)  # fmt: skip
     return Engine.from_config(cfg)
 
 
@@ -416,6 +417,9 @@ def main(argv=None) -> int:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--prompt-len", type=int, default=20)
     p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--overlap-steps", default="on", choices=("auto", "on", "off"),
+                   help="on (CUDA's default): the recorded step also feeds its decode tokens from the previous step's ids "
+                        "on the device and reads that step's ids; off: sync steps")
     p.add_argument("--top", type=int, default=15, help="rows of the op tables")
     p.add_argument("--json", type=Path, default=common.RESULTS_DIR / "step_ops.json")
     p.add_argument("--check", action="store_true", help="exit 1 when a target is missed")

@@ -41,6 +41,7 @@ ENGINE_DEFAULTS = {
     "lora_backend": "auto",
     "kernel_backend": "auto",
     "cuda_graphs": True,
+    "overlap_steps": "auto",
     "host_cache_bytes": 1 << 30,
     "vera_form": "shared",
     "nf4_backend": "bnb",
@@ -161,6 +162,9 @@ def add_serve_flags(p) -> None:
     e.add_argument("--cuda-graphs", choices=("on", "off"), default="on" if d["cuda_graphs"] else "off",
                    help="capture pure decode steps as CUDA graphs per batch-size bucket at start (CUDA only; "
                         "the capture time and memory are logged and on /metrics)")
+    e.add_argument("--overlap-steps", choices=("auto", "on", "off"), default=d["overlap_steps"],
+                   help="launch each step before reading the previous step's tokens, so streaming, stop checks and "
+                        "scheduling run while the GPU computes (auto = on with CUDA; same tokens either way)")
     e.add_argument("--host-cache-mb", type=int, default=d["host_cache_bytes"] >> 20,
                    help="host memory for adapters converted and staged for the device (pinned on CUDA), MiB; LRU")
     e.add_argument("--vera-form", choices=("shared", "folded"), default=d["vera_form"],
@@ -194,6 +198,7 @@ def serve_config_from_args(args):
         lora_backend=args.lora_backend,
         kernel_backend=args.kernel_backend,
         cuda_graphs=args.cuda_graphs == "on",
+        overlap_steps=args.overlap_steps,
         host_cache_bytes=args.host_cache_mb << 20,
         vera_form=args.vera_form,
         nf4_backend=args.nf4_backend,

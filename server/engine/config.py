@@ -34,6 +34,10 @@ class EngineConfig:
     kernel_backend: str = "auto"
     # CUDA graphs of pure decode steps per batch-size bucket, captured at start (CUDA only)
     cuda_graphs: bool = True
+    # launch step N+1 before reading step N's sampled ids, so the host's work (streaming,
+    # stop checks, scheduling, staging) runs while the GPU computes: "auto" = on with CUDA.
+    # Greedy and seeded tokens are the same either way; a request that ends on a stop costs one more row.
+    overlap_steps: str = "auto"
     # VeRA adapters: "shared" keeps each frozen projection once in the pool (an adapter then
     # costs its two vectors) and the kernels read it for every adapter that uses it;
     # "folded" stores λ_d·A and λ_b·B per adapter, like a LoRA of the same rank.
@@ -54,6 +58,8 @@ class EngineConfig:
             raise ValueError(f"quantize must be 'nf4' or 'none', not {self.quantize!r}")
         if self.vera_form not in ("shared", "folded"):
             raise ValueError(f"vera_form must be shared or folded, not {self.vera_form!r}")
+        if self.overlap_steps not in ("auto", "on", "off"):
+            raise ValueError(f"overlap_steps must be auto, on or off, not {self.overlap_steps!r}")
         if self.nf4_backend not in ("bnb", "auto", "triton"):
             raise ValueError(f"nf4_backend must be bnb, auto or triton, not {self.nf4_backend!r}")
         if self.lora_backend not in ("auto", "torch", "triton") or self.kernel_backend not in ("auto", "torch", "triton"):

@@ -19,6 +19,7 @@ after the replay (it has host-side branches per sampling mode).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -91,9 +92,7 @@ class DecodeGraphs:
         b = self.bucket(n)
         if b is None or b not in self._graphs or len(inputs.input_ids) != n or len(inputs.logits_rows) != n:
             return None
-        padded = StepInputs(inputs.input_ids, inputs.positions, inputs.kv_rows, inputs.token_slots, inputs.query_starts,
-                            inputs.context_lens, inputs.block_tables, list(range(b)))  # fmt: skip
-        self.step.fill(padded, pad_tokens=b - n, pad_seqs=b - n)
+        self.step.fill(dataclasses.replace(inputs, logits_rows=list(range(b))), pad_tokens=b - n, pad_seqs=b - n)
         self._graphs[b].replay()
         self.replays += 1
         return self._logits[b][:n]

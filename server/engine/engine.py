@@ -36,9 +36,10 @@ from loraplex.server.engine.request import (
     SamplingParams,
     TokenEvent,
 )
+from loraplex.server.engine.in_flight import IdTransfer, LaunchedStep
 from loraplex.server.engine.runner import ModelRunner
 from loraplex.server.engine.sampler import SAMPLING_FAILED_ERROR, SamplerInputs, request_seed, sample_step
-from loraplex.server.engine.scheduler import Scheduler, SchedulerConfig
+from loraplex.server.engine.scheduler import Scheduled, Scheduler, SchedulerConfig
 from loraplex.server.engine.sequence import Sequence
 from loraplex.server.engine.tokenizer import Tokenizer
 from loraplex.server.model.loader import LoadSpec, load_model
@@ -86,6 +87,10 @@ class Engine:
         self.runner = ModelRunner(model, self.blocks, ops, config.max_batch_tokens, config.max_running, self.adapters.num_slots,
                                   self.max_context, cuda_graphs=graphs)  # fmt: skip
         self.sampler_inputs = SamplerInputs(config.max_running, model.device)  # per-row sampling parameters, refilled each step
+        self.id_transfer = IdTransfer(config.max_running, model.device)
+        # launch step N+1 before reading step N's ids (EngineConfig.overlap_steps)
+        self.overlap = config.overlap_steps == "on" or (config.overlap_steps == "auto" and model.device.type == "cuda")
+        self._in_flight: LaunchedStep | None = None  # launched, its tokens not yet streamed
         self.max_prompt = min(config.max_prompt_tokens or self.max_context, self.max_context)
         self.eos_ids = set(model.config.eos_token_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
         self.ready = False
@@ -232,6 +237,8 @@ class Engine:
 
     # -- the engine thread ---------------------------------------------------------------
     def _loop(self) -> None:
+        if self.model.device.type == "cuda":
+            torch.cuda.set_device(self.model.device)  # the thread's kernels and streams: the model's device
         if self.model.device.type == "cpu" and self.config.cpu_threads:
             torch.set_num_threads(self.config.cpu_threads)  # for this thread: OpenMP counts per calling thread
         try:
@@ -252,42 +259,70 @@ class Engine:
                 self.step()
             except Exception as e:  # a failed step fails its requests, not the server
                 log.exception("engine step failed")
+                self._in_flight = None
                 self._finish_all(FINISH_ERROR, f"internal error in the engine step: {e}")
 
     def _has_work(self) -> bool:
-        return bool(self.scheduler.waiting or self.scheduler.running or self.adapters.has_retired())
+        return bool(self.scheduler.waiting or self.scheduler.running or self._in_flight or self.adapters.has_retired())
 
     def step(self) -> None:
-        """One scheduling step: expire, schedule, forward, sample, stream."""
+        """One scheduling step: expire, schedule, launch the forward and sampling, then
+        stream the tokens of the step launched before (overlapped) or of this one."""
         self._expire()
         plan = self.scheduler.schedule()
         for seq in self.scheduler.adapter_gone:
             self._finish(seq, FINISH_ADAPTER_GONE, f"adapter {describe(seq.adapter_key)} was unloaded before the request started")
         self.scheduler.adapter_gone.clear()
         self._count_admitted()
+        previous, self._in_flight = self._in_flight, None
         if not plan:
-            if self.scheduler.waiting:
+            if previous is not None:
+                self._land(previous)
+            elif self.scheduler.waiting:
                 time.sleep(0.002)  # adapters loading in the background, or every slot pinned
             return
         self.adapters.join_loads()
-        logits = self.runner.run(plan)
+        launched = self._launch(plan, previous)
+        if previous is not None:
+            self._land(previous)  # while the device runs `launched`
+        if launched is not None and self.overlap:
+            self._in_flight = launched
+        elif launched is not None:
+            self._land(launched)
+
+    def _launch(self, plan: list[Scheduled], previous: LaunchedStep | None) -> LaunchedStep | None:
+        """Queues the plan's forward and the sampling of its logits rows; their ids start
+        towards the host. None: no row wanted logits (prefill chunks only)."""
+        logits = self.runner.run(plan, carry_from=previous.chosen if previous is not None else None)
         self.steps += 1
         wanting = [item.seq for item in plan if item.wants_logits]
         for item in plan:
             item.seq.num_computed += item.num_tokens
         if not wanting:
-            return
+            return None
         # position = index of the token being sampled: the same draws after preemption and recompute
-        positions = [len(s.tokens) for s in wanting]
+        positions = [s.num_tokens for s in wanting]
         chosen = sample_step(logits, [s.params for s in wanting], [s.seed for s in wanting], positions, inputs=self.sampler_inputs)
-        tokens = chosen.tolist()  # the step's one device→host transfer
+        for row, seq in enumerate(wanting):
+            seq.in_flight += 1
+            seq.in_flight_row = row
+        return self.id_transfer.launch(wanting, chosen)
+
+    def _land(self, step: LaunchedStep) -> None:
+        """Streams a launched step's tokens: the step's one device→host transfer."""
+        tokens = step.token_ids()
         now = time.monotonic()
-        for seq, token in zip(wanting, tokens):
+        for seq, token in zip(step.seqs, tokens):
+            if seq.done:  # finished meanwhile (a stop or an error in the step before): the row is dropped
+                continue
+            seq.in_flight -= 1
             if token < 0:  # SAMPLING_FAILED: this row only
                 log.warning("sampling failed for %s: the logits are not finite", seq.seq_id)
                 self._finish(seq, FINISH_ERROR, SAMPLING_FAILED_ERROR)
             else:
                 self._append(seq, token, now)
+            if not seq.done and seq.ending is not None:
+                self._finish(seq, seq.ending)
 
     def _append(self, seq: Sequence, token: int, now: float) -> None:
         seq.tokens.append(token)
@@ -303,12 +338,19 @@ class Engine:
             self._finish(seq, FINISH_LENGTH)
 
     def _expire(self) -> None:
+        """Ends cancelled and late requests. One with a token in flight gets it first (it
+        runs no more steps; `_land` ends it), as sync steps would have streamed it."""
         now = time.monotonic()
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            reason = None
             if seq.handle.cancelled:
-                self._finish(seq, FINISH_CANCELLED)
+                reason = FINISH_CANCELLED
             elif seq.handle.request.deadline is not None and now > seq.handle.request.deadline:
-                self._finish(seq, FINISH_DEADLINE)
+                reason = FINISH_DEADLINE
+            if reason is not None and seq.in_flight:
+                seq.ending = reason
+            elif reason is not None:
+                self._finish(seq, reason)
             elif seq.adapter_key is not None and not seq.admitted:
                 error = self.adapters.load_error(seq.adapter_key)
                 if error is not None:
@@ -320,6 +362,7 @@ class Engine:
             self._waiting_count = len(self._incoming) + len(self.scheduler.waiting)
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        seq.done = True
         self.scheduler.finish(seq)
         rest = seq.rest_of_text()
         if rest:

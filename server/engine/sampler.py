@@ -177,7 +177,7 @@ class SamplerInputs:
         if self._dev is not self._host:
             self._dev.copy_(self._host, non_blocking=True)  # the step's one host→device copy
             if self._copied is not None:
-                self._copied.record()
+                self._copied.record(torch.cuda.current_stream(self.device))
         d64, d32 = self._d_i64, self._d_f32
         return SamplingBatch(
             temperature=d32[0, :b], top_k=d64[2, :b], top_p=d32[1, :b], seed=d64[0, :b], position=d64[1, :b],

@@ -35,7 +35,7 @@ class Scheduled:
 
     @property
     def wants_logits(self) -> bool:
-        return self.seq.num_computed + self.num_tokens == len(self.seq.tokens)
+        return self.seq.num_computed + self.num_tokens == self.seq.num_tokens
 
 
 class Scheduler:
@@ -56,6 +56,8 @@ class Scheduler:
                 break
             if seq not in self.running:  # preempted below for an earlier one
                 continue
+            if seq.ending is not None or seq.num_tokens - seq.num_prompt >= seq.params.max_new_tokens:
+                continue  # cancelled, late, or its last token is in flight: it ends when the token lands
             n = min(seq.pending, budget)
             while not self.blocks.can_grow(seq.seq_id, seq.num_computed + n):
                 victim = self.running[-1]

@@ -1,6 +1,7 @@
 """One request's state inside the engine: its tokens, how many are in the KV cache,
-its adapter slot, and the incremental detokenization that turns tokens into a text
-stream that never shows part of a stop string or of a UTF-8 character."""
+its adapter slot, the token sampled but not yet on the host, and the incremental
+detokenization that turns tokens into a text stream that never shows part of a stop
+string or of a UTF-8 character."""
 
 from __future__ import annotations
 
@@ -22,6 +23,13 @@ class Sequence:
     slot: int = -1  # adapter slot while running, -1 = base only
     num_computed: int = 0  # tokens whose K/V are in the cache
     admitted: bool = False  # holds a pin on its adapter
+    done: bool = False  # finished: a step still in flight has nothing more for it
+    ending: str | None = None  # cancelled or late with a token in flight: the finish reason once it lands
+    # tokens sampled by launched steps whose ids the host has not read yet (0 or 1 when a
+    # step is scheduled; server/engine/in_flight.py), and the row of the newest one in the
+    # ids its step sampled: the next step feeds it from there, on the device
+    in_flight: int = 0
+    in_flight_row: int = -1
     text: str = ""  # decoded text of the generated tokens (stop string cut off)
     emitted_chars: int = 0  # characters of `text` streamed so far
     first_token_time: float | None = None
@@ -44,9 +52,14 @@ class Sequence:
         return self.tokens[self.num_prompt :]
 
     @property
+    def num_tokens(self) -> int:
+        """Tokens known or in flight: positions 0 .. num_tokens - 1 are taken."""
+        return len(self.tokens) + self.in_flight
+
+    @property
     def pending(self) -> int:
         """Tokens to feed before the next logits: the uncached prompt, or the last sampled token."""
-        return len(self.tokens) - self.num_computed
+        return self.num_tokens - self.num_computed
 
     def update_text(self, decode) -> tuple[str, bool]:
         """Decodes the new tokens; returns (new text to stream, hit a stop string). Holds

@@ -8,6 +8,10 @@ buffers sized once and rewritten in place every step.
     block_tables                                  [max_seqs, max_blocks]  int32
     + the token→slot mapping (kernels/mapping.py), built on the device from token_slots
 
+A token whose id the previous step sampled and the host has not read yet (overlapped
+steps, server/engine/in_flight.py) is staged as a (token index, row) pair, and `fill`
+copies its id from that row of the previous step's ids, on the device.
+
 `fill` writes a step's values into ONE host staging buffer (pinned on CUDA) and copies it
 to the device in ONE transfer; no per-sequence tensors are made. The model's layers hold
 a reference to the context (`LlamaModel.bind`) and read it: their forward takes only the
@@ -42,6 +46,11 @@ class StepInputs:
     context_lens: list[int]  # [B], tokens in the cache after this step
     block_tables: list[list[int]]  # B × [blocks of b]
     logits_rows: list[int]  # rows whose next-token logits are wanted
+    # tokens fed from the previous step's sampled ids on the device (their input_ids
+    # entries are placeholders): token indices, their rows in carry_from, and [B'] int64
+    carry_tokens: list[int] = ()
+    carry_rows: list[int] = ()
+    carry_from: torch.Tensor | None = None
 
 
 class StepContext:
@@ -55,7 +64,7 @@ class StepContext:
         self.sliding_window = sliding_window
         self.device = device
         self.host_layout = host_layout
-        sizes = [max_tokens] * 4 + [max_seqs, max_tokens, max_seqs + 1, max_seqs * max_blocks]
+        sizes = [max_tokens] * 4 + [max_seqs, max_tokens, max_seqs + 1, max_seqs * max_blocks, 2 * max_seqs]
         offsets = [0]
         for n in sizes:
             offsets.append(offsets[-1] + n)
@@ -66,8 +75,9 @@ class StepContext:
         self._host_np = self._host.numpy()
         self._copied = torch.cuda.Event() if cuda else None  # the last copy out of the staging area
         views = [self._dev[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
-        self._input_ids, self._positions, self._kv_rows, self._token_slots, self._context_lens, self._logits_rows, self._query_starts, tables = views
+        self._input_ids, self._positions, self._kv_rows, self._token_slots, self._context_lens, self._logits_rows, self._query_starts, tables, carry = views
         self._block_tables = tables.view(max_seqs, max_blocks)  # [max_seqs, max_blocks]
+        self._carry = carry.view(2, max_seqs)  # [2, max_seqs]: token indices, rows in carry_from
         self.mapping_buffers = LoraMappingBuffers(max_tokens, num_slots, device)
         # per step (host)
         self.num_tokens = 0
@@ -107,6 +117,13 @@ class StepContext:
         return self._query_starts
 
     # -- the runner's side -------------------------------------------------------------------
+    def _carry_ids(self, c: int, carry_from: torch.Tensor) -> None:
+        """input_ids[carry[0, i]] = carry_from[carry[1, i]] for i < c, on the device. A
+        failed row's −1 (SAMPLING_FAILED) is fed as 0: its request ends when the host
+        reads it, and an embedding must never see a negative id."""
+        ids = carry_from.index_select(0, self._carry[1, :c]).clamp_(min=0)  # [c] int64
+        self._input_ids.index_copy_(0, self._carry[0, :c].long(), ids.to(torch.int32))
+
     def fill(self, step: StepInputs, pad_tokens: int = 0, pad_seqs: int = 0) -> None:
         """Stages `step` and copies it to the device in one transfer. pad_tokens /
         pad_seqs: extra base-only tokens and empty sequences after the real ones (a CUDA
@@ -131,9 +148,15 @@ class StepContext:
             if len(row) > self.max_blocks:
                 raise ValueError(f"a block table of {len(row)} blocks exceeds the context's {self.max_blocks}")
             tables[i, : len(row)] = row
+        c = len(step.carry_tokens)
+        if c:
+            carry = h[o[8] : o[9]].reshape(2, self.max_seqs)
+            carry[0, :c], carry[1, :c] = step.carry_tokens, step.carry_rows
         if self._dev is not self._host:
             self._dev.copy_(self._host, non_blocking=True)
-            self._copied.record()
+            self._copied.record(torch.cuda.current_stream(self.device))
+        if c:
+            self._carry_ids(c, step.carry_from)
         self.num_tokens, self.num_seqs, self.num_logits = nt, nb, len(step.logits_rows)
         self.max_query_len = max((e - s for s, e in zip(step.query_starts, step.query_starts[1:])), default=0)
         any_adapter = any(s >= 0 for s in step.token_slots)

@@ -73,28 +73,35 @@ def test_adapters_loaded_on_the_side_stream_while_others_decode_give_solo_tokens
         engine.shutdown(1.0)
 
 
-def _decode_batch_tokens(adapter_dirs, graphs: bool):
+def _decode_batch_tokens(adapter_dirs, graphs: bool, overlap: str):
     engine = Engine.from_config(EngineConfig(model_dir=TINY, device="cuda", dtype="float32", kv_cache_tokens=4096, max_running=16,
-                                             max_batch_tokens=256, adapter_slots=8, max_rank=32, cuda_graphs=graphs))  # fmt: skip
+                                             max_batch_tokens=256, adapter_slots=8, max_rank=32, cuda_graphs=graphs,
+                                             overlap_steps=overlap))  # fmt: skip
     for kind, path in adapter_dirs.items():
         engine.adapters.add(kind, path)
     engine.start()
     try:
         engine.warmup()
         jobs = [(kind, p) for kind in list(KINDS) + [None] for p in PROMPTS][:11]  # 11 rows: bucket 16 with padding
-        handles = [engine.submit(GenerationRequest(engine.tokenizer.encode(p), SamplingParams(max_new_tokens=24, ignore_eos=True),
-                                                   adapter_id=k)) for k, p in jobs]  # fmt: skip
+        # every third row seeded sampling: its draws are keyed by position, so overlapped steps must feed the same ids
+        params = [SamplingParams(max_new_tokens=24, ignore_eos=True, **(dict(temperature=0.9, top_p=0.9, seed=i) if i % 3 == 0 else {}))
+                  for i in range(len(jobs))]  # fmt: skip
+        handles = [engine.submit(GenerationRequest(engine.tokenizer.encode(p), params[i], adapter_id=k)) for i, (k, p) in enumerate(jobs)]
         return [h.result(timeout=120).token_ids for h in handles], engine.stats()
     finally:
         engine.shutdown(1.0)
 
 
-def test_cuda_graph_replays_give_the_eager_tokens(adapter_dirs):
-    eager, eager_stats = _decode_batch_tokens(adapter_dirs, graphs=False)
-    graphed, stats = _decode_batch_tokens(adapter_dirs, graphs=True)
+def test_cuda_graph_replays_and_overlapped_steps_give_the_eager_sync_tokens(adapter_dirs):
+    eager, eager_stats = _decode_batch_tokens(adapter_dirs, graphs=False, overlap="off")
+    graphed, stats = _decode_batch_tokens(adapter_dirs, graphs=True, overlap="off")
     assert eager_stats.cuda_graph_buckets == 0 and eager_stats.cuda_graph_replays == 0
     assert stats.cuda_graph_buckets == 5 and stats.cuda_graph_replays > 10 and stats.cuda_graph_bytes > 0  # buckets 1 2 4 8 16
     assert graphed == eager
+    # the CUDA default: each step launched before the host reads the previous one's ids (pinned copies, events)
+    overlapped, overlapped_stats = _decode_batch_tokens(adapter_dirs, graphs=True, overlap="auto")
+    assert overlapped_stats.cuda_graph_replays > 10
+    assert overlapped == eager
 
 
 def test_cuda_defaults_are_bf16_and_triton():

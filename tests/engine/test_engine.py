@@ -9,6 +9,9 @@ import pytest
 from loraplex.server.engine.errors import EngineDraining, InvalidRequest, QueueFull, UnknownAdapter
 from loraplex.server.engine.request import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
 
+# every test twice: sync steps, and each step launched before the previous one's tokens are read
+pytestmark = pytest.mark.parametrize("step_mode", ["off", "on"], indirect=True)
+
 PROMPTS = ["the cat", "a dog sees the moon", "my sister", "the robot builds a new house near"]
 
 
@@ -132,8 +135,8 @@ def test_a_sampling_failure_ends_only_its_request(make_engine, monkeypatch):
     engine = make_engine()
     real = engine.runner.run
 
-    def broken_rows(plan):  # NaN logits for the request with seed 666, as a broken adapter would give
-        logits = real(plan).clone()  # the runner's are inference tensors
+    def broken_rows(plan, **kw):  # NaN logits for the request with seed 666, as a broken adapter would give
+        logits = real(plan, **kw).clone()  # the runner's are inference tensors
         wanting = [item.seq for item in plan if item.wants_logits]
         for row, seq in enumerate(wanting):
             if seq.params.seed == 666:

@@ -5,6 +5,7 @@ requests run."""
 from types import SimpleNamespace
 
 from loraplex.server.engine.block_manager import BlockManager
+from loraplex.server.engine.request import SamplingParams
 from loraplex.server.engine.scheduler import Scheduler, SchedulerConfig
 from loraplex.server.engine.sequence import Sequence
 
@@ -26,7 +27,7 @@ class ColdAdapters:
 
 
 def seq(i, adapter):
-    handle = SimpleNamespace(request=SimpleNamespace(request_id=f"r{i}"))
+    handle = SimpleNamespace(request=SimpleNamespace(request_id=f"r{i}", params=SamplingParams(max_new_tokens=8)))
     return Sequence(handle, adapter, [1, 2, 3], 3, seed=0)
 
 

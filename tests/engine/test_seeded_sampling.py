@@ -2,8 +2,13 @@
 valid neighbours, beside neighbours whose sampling fails (NaN logits in their rows, as
 a broken adapter would give), and across preemption and recompute."""
 
+import pytest
+
 from loraplex.server.engine.request import FINISH_ERROR, FINISH_LENGTH, GenerationRequest, SamplingParams
 from loraplex.server.engine.sampler import SAMPLING_FAILED_ERROR
+
+# every test twice: sync steps, and each step launched before the previous one's tokens are read
+pytestmark = pytest.mark.parametrize("step_mode", ["off", "on"], indirect=True)
 
 TARGET = dict(max_new_tokens=48, temperature=1.0, seed=7, ignore_eos=True)
 NEIGHBOURS = [
@@ -23,11 +28,11 @@ def _break_rows(engine, monkeypatch, failing):
     (request id -> number of tokens they generate before their logits break)."""
     real = engine.runner.run
 
-    def run(plan):
-        logits = real(plan).clone()  # the runner's are inference tensors
+    def run(plan, **kw):
+        logits = real(plan, **kw).clone()  # the runner's are inference tensors
         for row, seq in enumerate(item.seq for item in plan if item.wants_logits):
             after = failing.get(seq.seq_id)
-            if after is not None and len(seq.generated) >= after:
+            if after is not None and seq.num_tokens - seq.num_prompt >= after:  # tokens in flight count
                 logits[row, 5] = float("nan")
         return logits
 

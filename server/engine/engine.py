@@ -73,6 +73,13 @@ class EngineStats:
     cuda_graph_replays: int = 0  # cumulative decode steps run by replay
 
 
+def use_device(device: torch.device) -> None:
+    """Makes `device` the calling thread's current CUDA device, so that its kernels, streams
+    and events are the model's. "cuda" without an index already means the current one."""
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+
+
 class Engine:
     def __init__(self, config: EngineConfig, model, tokenizer: Tokenizer):
         self.config = config
@@ -237,8 +244,7 @@ class Engine:
 
     # -- the engine thread ---------------------------------------------------------------
     def _loop(self) -> None:
-        if self.model.device.type == "cuda":
-            torch.cuda.set_device(self.model.device)  # the thread's kernels and streams: the model's device
+        use_device(self.model.device)
         if self.model.device.type == "cpu" and self.config.cpu_threads:
             torch.set_num_threads(self.config.cpu_threads)  # for this thread: OpenMP counts per calling thread
         try:

@@ -148,3 +148,15 @@ def test_fill_feeds_carried_tokens_from_the_previous_steps_ids_and_a_failed_row_
     assert step.input_ids.tolist() == [7, 43, 9, 10, 0]
     step.fill(StepInputs([3, 4], [0, 0], [0, 4], [-1, -1], [0, 1, 2], [1, 1], [[0], [1]], [0, 1]))
     assert step.input_ids.tolist() == [3, 4]  # a step without carried tokens feeds its own ids
+
+
+def test_the_engine_thread_takes_the_model_device_only_when_it_names_one(monkeypatch):
+    """torch.cuda.set_device refuses torch.device("cuda") (no index): the engine thread
+    must not call it then, and must for "cuda:1" (events and copies go to its streams)."""
+    from loraplex.server.engine import engine as engine_module
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    for device in ("cpu", "cuda", "cuda:1"):
+        engine_module.use_device(torch.device(device))
+    assert calls == [torch.device("cuda:1")]

@@ -7,8 +7,9 @@ captured in a CUDA graph and replayed after the buffers are rewritten in place.
 Slot -1 means "base model only": those tokens form the last segment, which the
 kernels skip (expand) or zero (shrink).
 
-The build runs on the tokens' device with torch ops only and never synchronises with
-the host. The grid of the kernels depends only on host integers (`num_tokens`,
+The build runs on the host (numpy), where the engine knows every token's slot, and the
+result reaches the device with the step's other inputs in one copy: no launch, no
+synchronisation. The grid of the kernels depends only on host integers (`num_tokens`,
 `num_slots`, `block_m`), never on the slot values, so a captured launch stays valid for
 any mapping of the same number of tokens. This module knows nothing about adapters.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 # Tile-list markers in `tile_slots` besides a slot id.
@@ -68,106 +70,120 @@ class LoraMapping:
 
     def tiles(self) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(block_m, tile_slots, tile_starts, tile_ends); built here if the mapping has none."""
-        if self.tile_slots is None:
-            t = self.num_tokens
-            bm = block_m_for(t)
-            g = num_tiles_bound(t, self.num_slots, bm)
-            dev = self.token_slots.device
-            bufs = [torch.empty(g, dtype=torch.int32, device=dev) for _ in range(3)]
-            build_tiles_into(self.slot_starts, t, bm, torch.arange(g, device=dev), *bufs)
-            self.block_m, (self.tile_slots, self.tile_starts, self.tile_ends) = bm, bufs
+        if self.tile_slots is None:  # the tiles follow from the slots alone
+            built = build_mapping(self.token_slots, self.num_slots)
+            self.block_m, self.tile_slots, self.tile_starts, self.tile_ends = built.tiles()
         return self.block_m, self.tile_slots, self.tile_starts, self.tile_ends
 
 
 class LoraMappingBuffers:
-    """Preallocated mapping buffers for up to `max_tokens` tokens and `num_slots` slots.
+    """Mapping buffers for up to `max_tokens` tokens and `num_slots` slots: one int32 area
+    on the device, written from a host area of the same layout in one copy.
 
-    `update` rewrites them in place and returns views; views of the same token count
-    are the same tensors every step (what a CUDA graph captured).
+        token_slots [T_max] | sorted_tokens [T_max] | slot_starts [S + 1] | tile_slots,
+        tile_starts, tile_ends [T_max] each (the tile list never has more than T entries)
+
+    The mapping is built on the host (`build_on_host`, numpy): the engine knows every
+    token's slot there, and the build is ~25 tiny ops that would each be a launch on the
+    device. `stage` writes the host area, `views` returns the device views of a step;
+    views of the same token count are the same tensors every step (what a CUDA graph
+    captured). host, device: an area of `size(max_tokens, num_slots)` int32 elements to
+    live in, inside a caller's staging area that the caller copies (the step context's,
+    pinned on CUDA); default: its own, which `update` copies.
     """
 
-    def __init__(self, max_tokens: int, num_slots: int, device: torch.device | str = "cpu"):
+    @staticmethod
+    def size(max_tokens: int, num_slots: int) -> int:
+        return 5 * max_tokens + num_slots + 1
+
+    def __init__(self, max_tokens: int, num_slots: int, device: torch.device | str = "cpu",
+                 host: torch.Tensor | None = None, dev: torch.Tensor | None = None):  # fmt: skip
         self.max_tokens = max_tokens
         self.num_slots = num_slots
         self.device = torch.device(device)
-        self.token_slots = torch.full((max_tokens,), -1, dtype=torch.int32, device=self.device)  # [T_max]
-        self.sorted_tokens = torch.zeros(max_tokens, dtype=torch.int32, device=self.device)  # [T_max]
-        self.slot_starts = torch.zeros(num_slots + 1, dtype=torch.int32, device=self.device)  # [S + 1]
-        # the tile list never has more than T entries (num_tiles_bound <= T)
-        self.tile_slots = torch.full((max_tokens,), EMPTY_TILE, dtype=torch.int32, device=self.device)  # [G_max]
-        self.tile_starts = torch.zeros(max_tokens, dtype=torch.int32, device=self.device)  # [G_max]
-        self.tile_ends = torch.zeros(max_tokens, dtype=torch.int32, device=self.device)  # [G_max]
-        self._arange = torch.arange(max_tokens, dtype=torch.int64, device=self.device)  # [T_max]
-        self._slot_ids = torch.arange(num_slots + 1, dtype=torch.int64, device=self.device)  # [S + 1]
+        n = self.size(max_tokens, num_slots)
+        if host is None:  # its own area, copied by `update` in a blocking copy: pageable memory does
+            host = torch.zeros(n, dtype=torch.int32)
+            dev = torch.zeros(n, dtype=torch.int32, device=self.device) if self.device.type != "cpu" else host
+        if host.shape != (n,) or dev.shape != (n,) or host.dtype != torch.int32 or dev.dtype != torch.int32:
+            raise ValueError(f"host and dev must be int32 [{n}]")
+        self._host, self._dev = host, dev
+        t = max_tokens
+        bounds = [0, t, 2 * t, 2 * t + num_slots + 1, 3 * t + num_slots + 1, 4 * t + num_slots + 1, n]
+        parts = list(zip(bounds[:-1], bounds[1:]))
+        self._h = [host.numpy()[a:b] for a, b in parts]  # the same six arrays on the host
+        self.token_slots, self.sorted_tokens, self.slot_starts, self.tile_slots, self.tile_starts, self.tile_ends = (
+            dev[a:b] for a, b in parts)  # fmt: skip
+        self._h[3][:] = EMPTY_TILE
 
-    def update(self, token_slots: torch.Tensor, any_adapter: bool | None = None) -> LoraMapping:
-        """Writes the mapping for `token_slots` ([T] int, on any device) in place and returns
-        views. any_adapter: whether any slot is >= 0, when the caller knows it on the host
-        (None: read from CPU slots, assumed True for device ones)."""
-        n = token_slots.shape[0]
+    def stage(self, token_slots) -> None:
+        """Writes the mapping of `token_slots` ([T] ints: a list or an int32 array) into the host area."""
+        n = len(token_slots)
         if n > self.max_tokens:
             raise ValueError(f"{n} tokens exceed the mapping capacity {self.max_tokens}")
-        slots = self.token_slots[:n]
-        slots.copy_(token_slots, non_blocking=True)
-        build_mapping_into(slots, self.num_slots, self.sorted_tokens[:n], self.slot_starts, self._slot_ids)
+        slots, sorted_tokens, slot_starts, tile_slots, tile_starts, tile_ends = self._h
+        slots[:n] = token_slots
         bm = block_m_for(n)
         g = num_tiles_bound(n, self.num_slots, bm)
-        tiles = (self.tile_slots[:g], self.tile_starts[:g], self.tile_ends[:g])
-        build_tiles_into(self.slot_starts, n, bm, self._arange[:g], *tiles)
-        if any_adapter is None:
-            any_adapter = bool((token_slots >= 0).any()) if token_slots.device.type == "cpu" else True
-        return LoraMapping(slots, self.sorted_tokens[:n], self.slot_starts, self.num_slots, any_adapter, bm, *tiles)
+        build_on_host(slots[:n], self.num_slots, bm, sorted_tokens[:n], slot_starts, tile_slots[:g], tile_starts[:g], tile_ends[:g])
+
+    def views(self, n: int, any_adapter: bool) -> LoraMapping:
+        """The device views of a staged mapping of n tokens (after the host area was copied)."""
+        bm = block_m_for(n)
+        g = num_tiles_bound(n, self.num_slots, bm)
+        return LoraMapping(self.token_slots[:n], self.sorted_tokens[:n], self.slot_starts, self.num_slots, any_adapter,
+                           bm, self.tile_slots[:g], self.tile_starts[:g], self.tile_ends[:g])  # fmt: skip
+
+    def update(self, token_slots) -> LoraMapping:
+        """Stages, copies (blocking) and returns the views: for callers without a staging
+        area of their own (tests, benches). token_slots: [T] ints (a device tensor is read
+        back to the host)."""
+        if torch.is_tensor(token_slots):
+            token_slots = token_slots.to("cpu", torch.int32).numpy()
+        self.stage(token_slots)
+        if self._dev is not self._host:
+            self._dev.copy_(self._host)
+        return self.views(len(token_slots), any_adapter=bool(len(token_slots)) and int(np.max(token_slots)) >= 0)
 
 
-def build_mapping_into(
-    token_slots: torch.Tensor,  # [T] int32
+def build_on_host(
+    token_slots: np.ndarray,  # [T] int32
     num_slots: int,
-    sorted_tokens: torch.Tensor,  # [T] int32, written
-    slot_starts: torch.Tensor,  # [S + 1] int32, written
-    slot_ids: torch.Tensor | None = None,  # [S + 1] int64, 0..S (preallocated by the buffers)
-) -> None:
-    """Groups tokens by slot on the tokens' device, with no host synchronisation
-    (no bincount: on CUDA it reads the maximum back to the host)."""
-    key = torch.where(token_slots < 0, num_slots, token_slots).long()  # [T], base tokens get key S
-    sorted_key, order = torch.sort(key, stable=True)  # [T], [T]
-    sorted_tokens.copy_(order)
-    if slot_ids is None:
-        slot_ids = torch.arange(num_slots + 1, device=token_slots.device)
-    # slot_starts[s] = number of tokens with key < s; slot_starts[S] = start of the base segment
-    slot_starts.copy_(torch.searchsorted(sorted_key, slot_ids, right=False))
-
-
-def build_tiles_into(
-    slot_starts: torch.Tensor,  # [S + 1] int32
-    num_tokens: int,
     block_m: int,
-    tile_ids: torch.Tensor,  # [G] int64, 0..G-1
-    tile_slots: torch.Tensor,  # [G] int32, written
-    tile_starts: torch.Tensor,  # [G] int32, written
-    tile_ends: torch.Tensor,  # [G] int32, written
+    sorted_tokens: np.ndarray,  # [T] int32, written
+    slot_starts: np.ndarray,  # [S + 1] int32, written
+    tile_slots: np.ndarray,  # [G] int32, written
+    tile_starts: np.ndarray,  # [G] int32, written
+    tile_ends: np.ndarray,  # [G] int32, written
 ) -> None:
-    """Cuts every segment (slots 0..S-1, then the base segment) into tiles of at most
-    `block_m` tokens and lists them in order; entries past the last tile get EMPTY_TILE."""
-    if tile_ids.numel() == 0:
+    """Groups tokens by slot (stable, base tokens last), then cuts every segment (slots
+    0..S-1, then the base segment) into tiles of at most `block_m` tokens and lists them
+    in order; entries past the last tile get EMPTY_TILE."""
+    t = token_slots.shape[0]
+    key = np.where(token_slots < 0, num_slots, token_slots)  # [T], base tokens get key S
+    order = np.argsort(key, kind="stable")  # [T]
+    sorted_tokens[:] = order
+    # slot_starts[s] = number of tokens with key < s; slot_starts[S] = start of the base segment
+    starts = np.searchsorted(key[order], np.arange(num_slots + 1), side="left")  # [S + 1]
+    slot_starts[:] = starts
+    g = tile_slots.shape[0]
+    if g == 0:
         return
-    num_slots = slot_starts.shape[0] - 1
-    seg_starts = slot_starts.long()  # [S + 1], segment S (base) starts at slot_starts[S]
-    seg_ends = torch.cat([seg_starts[1:], seg_starts.new_full((1,), num_tokens)])  # [S + 1]
-    seg_tiles = (seg_ends - seg_starts + block_m - 1) // block_m  # [S + 1]
-    tile_cum = torch.cumsum(seg_tiles, 0)  # [S + 1], inclusive
-    seg = torch.searchsorted(tile_cum, tile_ids, right=True)  # [G], segment of tile j (S + 1: none)
+    ends = np.append(starts[1:], t)  # [S + 1]
+    seg_tiles = (ends - starts + block_m - 1) // block_m  # [S + 1]
+    tile_cum = np.cumsum(seg_tiles)  # [S + 1], inclusive
+    ids = np.arange(g)
+    seg = np.searchsorted(tile_cum, ids, side="right")  # [G], segment of tile j (S + 1: none)
     valid = seg <= num_slots
-    seg_c = seg.clamp(max=num_slots)
-    first = tile_cum[seg_c] - seg_tiles[seg_c]  # [G], index of the segment's first tile
-    start = seg_starts[seg_c] + (tile_ids - first) * block_m
-    end = torch.minimum(start + block_m, seg_ends[seg_c])
-    slot = torch.where(seg_c == num_slots, BASE_TILE, seg_c)
-    tile_slots.copy_(torch.where(valid, slot, EMPTY_TILE))
-    tile_starts.copy_(torch.where(valid, start, 0))
-    tile_ends.copy_(torch.where(valid, end, 0))
+    seg_c = np.minimum(seg, num_slots)
+    start = starts[seg_c] + (ids - (tile_cum[seg_c] - seg_tiles[seg_c])) * block_m
+    tile_slots[:] = np.where(valid, np.where(seg_c == num_slots, BASE_TILE, seg_c), EMPTY_TILE)
+    tile_starts[:] = np.where(valid, start, 0)
+    tile_ends[:] = np.where(valid, np.minimum(start + block_m, ends[seg_c]), 0)
 
 
-def build_mapping(token_slots: torch.Tensor, num_slots: int) -> LoraMapping:
-    """One-off mapping in fresh buffers (tests, benchmarks)."""
+def build_mapping(token_slots, num_slots: int) -> LoraMapping:
+    """One-off mapping in fresh buffers on `token_slots`' device (tests, benchmarks).
+    token_slots: [T] int tensor."""
     buffers = LoraMappingBuffers(max(1, token_slots.shape[0]), num_slots, token_slots.device)
-    return buffers.update(token_slots.to(torch.int32))
+    return buffers.update(token_slots)

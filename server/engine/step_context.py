@@ -1,12 +1,14 @@
 """The step context: everything one forward step reads besides the weights, in device
 buffers sized once and rewritten in place every step.
 
-    input_ids, positions, kv_rows, token_slots   [max_tokens]            int32
-    context_lens                                  [max_seqs]              int32
-    logits_rows                                   [max_tokens]            int32
-    query_starts                                  [max_seqs + 1]          int32
-    block_tables                                  [max_seqs, max_blocks]  int32
-    + the token→slot mapping (kernels/mapping.py), built on the device from token_slots
+    input_ids, positions, kv_rows    [max_tokens]            int32
+    context_lens                     [max_seqs]              int32
+    logits_rows                      [max_tokens]            int32
+    query_starts                     [max_seqs + 1]          int32
+    block_tables                     [max_seqs, max_blocks]  int32
+    carried ids                      [2, max_seqs]           int32
+    + the token→slot mapping (kernels/mapping.py): the tokens' slots, their segments and
+      the kernels' tiles, built on the host into the same staging area
 
 A token whose id the previous step sampled and the host has not read yet (overlapped
 steps, server/engine/in_flight.py) is staged as a (token index, row) pair, and `fill`
@@ -41,7 +43,7 @@ class StepInputs:
     input_ids: list[int]  # [T]
     positions: list[int]  # [T]
     kv_rows: list[int]  # [T], flat cache row of each new token
-    token_slots: list[int]  # [T], adapter slot, -1 = base
+    token_slots: list[int]  # [T], adapter slot, -1 = base (only the mapping holds them on the device)
     query_starts: list[int]  # [B + 1]
     context_lens: list[int]  # [B], tokens in the cache after this step
     block_tables: list[list[int]]  # B × [blocks of b]
@@ -64,7 +66,8 @@ class StepContext:
         self.sliding_window = sliding_window
         self.device = device
         self.host_layout = host_layout
-        sizes = [max_tokens] * 4 + [max_seqs, max_tokens, max_seqs + 1, max_seqs * max_blocks, 2 * max_seqs]
+        sizes = [max_tokens] * 3 + [max_seqs, max_tokens, max_seqs + 1, max_seqs * max_blocks, 2 * max_seqs,
+                                    LoraMappingBuffers.size(max_tokens, num_slots)]  # fmt: skip
         offsets = [0]
         for n in sizes:
             offsets.append(offsets[-1] + n)
@@ -75,10 +78,11 @@ class StepContext:
         self._host_np = self._host.numpy()
         self._copied = torch.cuda.Event() if cuda else None  # the last copy out of the staging area
         views = [self._dev[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
-        self._input_ids, self._positions, self._kv_rows, self._token_slots, self._context_lens, self._logits_rows, self._query_starts, tables, carry = views
+        self._input_ids, self._positions, self._kv_rows, self._context_lens, self._logits_rows, self._query_starts, tables, carry, _ = views
         self._block_tables = tables.view(max_seqs, max_blocks)  # [max_seqs, max_blocks]
         self._carry = carry.view(2, max_seqs)  # [2, max_seqs]: token indices, rows in carry_from
-        self.mapping_buffers = LoraMappingBuffers(max_tokens, num_slots, device)
+        # the token→slot mapping, built on the host into the last part of the staging area
+        self.mapping_buffers = LoraMappingBuffers(max_tokens, num_slots, device, self._host[offsets[-2] :], self._dev[offsets[-2] :])
         # per step (host)
         self.num_tokens = 0
         self.num_seqs = 0
@@ -135,23 +139,24 @@ class StepContext:
         if self._copied is not None:
             self._copied.synchronize()  # the previous step's copy has left the staging area
         h, o = self._host_np, self._offsets
-        for k, values in enumerate((step.input_ids, step.positions, step.kv_rows, step.token_slots)):
+        for k, values in enumerate((step.input_ids, step.positions, step.kv_rows)):
             h[o[k] : o[k] + t] = values
-            h[o[k] + t : o[k] + nt] = (0, 0, -1, -1)[k]
-        h[o[4] : o[4] + b] = step.context_lens
-        h[o[4] + b : o[4] + nb] = 0
-        h[o[5] : o[5] + len(step.logits_rows)] = step.logits_rows
-        h[o[6] : o[6] + b + 1] = step.query_starts
-        h[o[6] + b + 1 : o[6] + nb + 1] = step.query_starts[-1]
-        tables = h[o[7] : o[8]].reshape(self.max_seqs, self.max_blocks)
+            h[o[k] + t : o[k] + nt] = (0, 0, -1)[k]
+        h[o[3] : o[3] + b] = step.context_lens
+        h[o[3] + b : o[3] + nb] = 0
+        h[o[4] : o[4] + len(step.logits_rows)] = step.logits_rows
+        h[o[5] : o[5] + b + 1] = step.query_starts
+        h[o[5] + b + 1 : o[5] + nb + 1] = step.query_starts[-1]
+        tables = h[o[6] : o[7]].reshape(self.max_seqs, self.max_blocks)
         for i, row in enumerate(step.block_tables):
             if len(row) > self.max_blocks:
                 raise ValueError(f"a block table of {len(row)} blocks exceeds the context's {self.max_blocks}")
             tables[i, : len(row)] = row
         c = len(step.carry_tokens)
         if c:
-            carry = h[o[8] : o[9]].reshape(2, self.max_seqs)
+            carry = h[o[7] : o[8]].reshape(2, self.max_seqs)
             carry[0, :c], carry[1, :c] = step.carry_tokens, step.carry_rows
+        self.mapping_buffers.stage(step.token_slots if not pad_tokens else list(step.token_slots) + [-1] * pad_tokens)
         if self._dev is not self._host:
             self._dev.copy_(self._host, non_blocking=True)
             self._copied.record(torch.cuda.current_stream(self.device))
@@ -159,8 +164,7 @@ class StepContext:
             self._carry_ids(c, step.carry_from)
         self.num_tokens, self.num_seqs, self.num_logits = nt, nb, len(step.logits_rows)
         self.max_query_len = max((e - s for s, e in zip(step.query_starts, step.query_starts[1:])), default=0)
-        any_adapter = any(s >= 0 for s in step.token_slots)
-        self.mapping = self.mapping_buffers.update(self._token_slots[:nt], any_adapter=any_adapter)
+        self.mapping = self.mapping_buffers.views(nt, any_adapter=any(s >= 0 for s in step.token_slots))
         if not self.host_layout:
             return
         self.attention = AttentionMetadata(

@@ -97,7 +97,7 @@ def rotation(args, src: Path, tmp: Path, n: int) -> dict:
 
     root = tmp / f"rot{n}"
     names = make_dirs(src, root, n, "r")
-    engine = engine_for(args, root, slots=16)
+    engine = engine_for(args, root, slots=args.slots)
     engine.start()
     try:
         engine.warmup()
@@ -138,6 +138,7 @@ def main(argv=None) -> int:
     p.add_argument("--rate", type=float, default=40.0, help="offered load, requests/s")
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--slots", type=int, default=16, help="device adapter slots of the rotation engines (max_running is 64)")
     p.add_argument("--cpu-threads", type=int, default=1)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)

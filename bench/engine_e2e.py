@@ -192,8 +192,7 @@ def eager_steps(engine):
 
 @contextlib.contextmanager
 def sync_steps(engine):
-    """Steps as `--overlap-steps off` runs them; the engine must be idle (a private
-    attribute: fine in a bench)."""
+    """Steps as `--overlap-steps off` runs them; the engine must be idle."""
     overlap, engine.overlap = engine.overlap, False
     try:
         yield

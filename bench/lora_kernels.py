@@ -191,7 +191,7 @@ class Bench:
                  pool_mb=pool_b / 1e6, pad_mb=pad_b / 1e6, x_mem=pad_b / pool_b, max_err=err, ok=ok)  # fmt: skip
         us = r["us"]
         buffers = LoraMappingBuffers(T, pool.num_slots, dev)
-        r["map_us"] = self.timer(lambda: buffers.update(slots))  # host build + one copy, as the step context does it
+        r["map_us"] = self.timer(lambda: buffers.update(slots))  # the host build + a blocking copy (the step context's is pinned, with the step)
         groups = [(s, torch.nonzero(slots_dev == s).squeeze(1)) for s in sorted(set(slots))]
         r["loop_us"] = self.timer(lambda: peft_loop(x, y, pool, groups, widths))
         r["x_loop"] = r["loop_us"] / us

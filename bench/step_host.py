@@ -1,6 +1,7 @@
-"""The engine thread's own work per decode step, the model's forward left out: schedule,
-the step context's fill, sampling, and streaming each token (detokenize, stop strings,
-events), at batch 32 over 8 rank-16 adapters, as the outputs grow.
+"""The engine thread's own work per decode step, `runner.run` left out (the step's
+packing, the step context's fill and the forward): schedule, sampling, and streaming
+each token (detokenize, stop strings, events), at batch 32 over 8 rank-16 adapters, as
+the outputs grow.
 
     python bench/step_host.py                 # CPU, the bundled model (~40 s)
     python bench/step_host.py --device cuda
@@ -9,7 +10,9 @@ On a GPU a decode step of 8 Llama-3-8B layers reads ~2 GB, about 0.5 ms at the H
 bandwidth: the host's work must stay well under that, whatever the length of the
 outputs, or it, not the GPU, sets the speed. `runner.run` is replaced by a stand-in that
 returns fixed logits (a private attribute: fine in a bench), so what is timed is
-`engine.step()` minus the forward. Prints a table, writes JSON; reports, never asserts.
+`engine.step()` minus `runner.run`. With overlapped steps (the CUDA default) this work
+runs while the device computes the step before. Prints a table, writes JSON; reports,
+never asserts.
 """
 
 from __future__ import annotations

@@ -69,7 +69,8 @@ class LoraMapping:
         return self.token_slots.shape[0]
 
     def tiles(self) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(block_m, tile_slots, tile_starts, tile_ends); built here if the mapping has none."""
+        """(block_m, tile_slots, tile_starts, tile_ends); built here if the mapping has none
+        (a hand-made mapping, in tests: its slots are read back to the host, a sync on CUDA)."""
         if self.tile_slots is None:  # the tiles follow from the slots alone
             built = build_mapping(self.token_slots, self.num_slots)
             self.block_m, self.tile_slots, self.tile_starts, self.tile_ends = built.tiles()
@@ -87,7 +88,7 @@ class LoraMappingBuffers:
     token's slot there, and the build is ~25 tiny ops that would each be a launch on the
     device. `stage` writes the host area, `views` returns the device views of a step;
     views of the same token count are the same tensors every step (what a CUDA graph
-    captured). host, device: an area of `size(max_tokens, num_slots)` int32 elements to
+    captured). host, dev: an area of `size(max_tokens, num_slots)` int32 elements to
     live in, inside a caller's staging area that the caller copies (the step context's,
     pinned on CUDA); default: its own, which `update` copies.
     """
@@ -102,6 +103,8 @@ class LoraMappingBuffers:
         self.num_slots = num_slots
         self.device = torch.device(device)
         n = self.size(max_tokens, num_slots)
+        if (host is None) != (dev is None):
+            raise ValueError("give both host and dev, or neither")
         if host is None:  # its own area, copied by `update` in a blocking copy: pageable memory does
             host = torch.zeros(n, dtype=torch.int32)
             dev = torch.zeros(n, dtype=torch.int32, device=self.device) if self.device.type != "cpu" else host

@@ -23,6 +23,7 @@ from loraplex.server.engine.adapter_manager import AdapterManager, describe
 from loraplex.server.engine.block_manager import BlockManager
 from loraplex.server.engine.config import EngineConfig
 from loraplex.server.engine.errors import EngineDraining, InvalidRequest, QueueFull
+from loraplex.server.engine.in_flight import IdTransfer, LaunchedStep
 from loraplex.server.engine.request import (
     FINISH_ADAPTER_GONE,
     FINISH_CANCELLED,
@@ -36,7 +37,6 @@ from loraplex.server.engine.request import (
     SamplingParams,
     TokenEvent,
 )
-from loraplex.server.engine.in_flight import IdTransfer, LaunchedStep
 from loraplex.server.engine.runner import ModelRunner
 from loraplex.server.engine.sampler import SAMPLING_FAILED_ERROR, SamplerInputs, request_seed, sample_step
 from loraplex.server.engine.scheduler import Scheduled, Scheduler, SchedulerConfig
@@ -75,7 +75,9 @@ class EngineStats:
 
 def use_device(device: torch.device) -> None:
     """Makes `device` the calling thread's current CUDA device, so that its kernels, streams
-    and events are the model's. "cuda" without an index already means the current one."""
+    and events are the model's. "cuda" without an index is left alone: on a new thread that
+    is device 0, where the loader put the model unless its own thread had chosen another
+    (torch.cuda.set_device refuses a device without an index)."""
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
 
@@ -315,7 +317,8 @@ class Engine:
         return self.id_transfer.launch(wanting, chosen)
 
     def _land(self, step: LaunchedStep) -> None:
-        """Streams a launched step's tokens: the step's one device→host transfer."""
+        """Waits for the ids copied since the launch (the step's one device→host transfer),
+        then streams them."""
         tokens = step.token_ids()
         now = time.monotonic()
         for seq, token in zip(step.seqs, tokens):

@@ -56,8 +56,8 @@ class Scheduler:
                 break
             if seq not in self.running:  # preempted below for an earlier one
                 continue
-            if seq.ending is not None or seq.num_tokens - seq.num_prompt >= seq.params.max_new_tokens:
-                continue  # cancelled, late, or its last token is in flight: it ends when the token lands
+            if seq.winding_down:
+                continue  # it ends when its token in flight lands
             n = min(seq.pending, budget)
             while not self.blocks.can_grow(seq.seq_id, seq.num_computed + n):
                 victim = self.running[-1]
@@ -81,6 +81,8 @@ class Scheduler:
             while self.waiting and budget > 0 and len(self.running) < self.config.max_running:
                 seq = self.waiting.popleft()
                 skipped.append(seq)  # until admitted: back in line whatever happens below
+                if seq.winding_down:
+                    continue  # preempted with its last token in flight: no recompute, it ends when the token lands
                 try:
                     bound = self._bind_adapter(seq)
                 except UnknownAdapter:

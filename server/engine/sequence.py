@@ -57,6 +57,11 @@ class Sequence:
         return len(self.tokens) + self.in_flight
 
     @property
+    def winding_down(self) -> bool:
+        """Fed no more: cancelled or late with a token in flight, or its last token is in flight."""
+        return self.ending is not None or self.num_tokens - self.num_prompt >= self.params.max_new_tokens
+
+    @property
     def pending(self) -> int:
         """Tokens to feed before the next logits: the uncached prompt, or the last sampled token."""
         return self.num_tokens - self.num_computed

@@ -6,7 +6,7 @@ buffers sized once and rewritten in place every step.
     logits_rows                      [max_tokens]            int32
     query_starts                     [max_seqs + 1]          int32
     block_tables                     [max_seqs, max_blocks]  int32
-    carried ids                      [2, max_seqs]           int32
+    carried tokens                   [2, max_seqs]           int32  (token index, row in carry_from)
     + the token→slot mapping (kernels/mapping.py): the tokens' slots, their segments and
       the kernels' tiles, built on the host into the same staging area
 

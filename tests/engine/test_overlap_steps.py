@@ -160,3 +160,20 @@ def test_the_engine_thread_takes_the_model_device_only_when_it_names_one(monkeyp
     for device in ("cpu", "cuda", "cuda:1"):
         engine_module.use_device(torch.device(device))
     assert calls == [torch.device("cuda:1")]
+
+
+def test_a_sequence_preempted_with_its_last_token_in_flight_is_not_recomputed():
+    """Preemption can take a sequence the scheduler no longer feeds (its last token in
+    flight); admission must not give it a recompute prefill that its landing throws away."""
+    from types import SimpleNamespace
+
+    from loraplex.server.engine.block_manager import BlockManager
+    from loraplex.server.engine.scheduler import Scheduler, SchedulerConfig
+    from loraplex.server.engine.sequence import Sequence
+
+    handle = SimpleNamespace(request=SimpleNamespace(request_id="r0", params=SamplingParams(max_new_tokens=2)))
+    seq = Sequence(handle, None, [1, 2, 3, 7], 3, seed=0, in_flight=1, in_flight_row=0)  # 1 generated + 1 in flight
+    adapters = SimpleNamespace(prefetch=lambda keys: list(keys))  # base-model requests only: nothing to load
+    scheduler = Scheduler(SchedulerConfig(max_batch_tokens=64, max_running=4), BlockManager(16, 16), adapters)
+    scheduler.waiting.append(seq)  # as `_preempt` leaves it: num_computed 0, first in line
+    assert scheduler.schedule() == [] and list(scheduler.waiting) == [seq] and scheduler.blocks.num_used == 0

@@ -117,7 +117,6 @@ class LoraMappingBuffers:
         self._h = [host.numpy()[a:b] for a, b in parts]  # the same six arrays on the host
         self.token_slots, self.sorted_tokens, self.slot_starts, self.tile_slots, self.tile_starts, self.tile_ends = (
             dev[a:b] for a, b in parts)  # fmt: skip
-        self._h[3][:] = EMPTY_TILE
 
     def stage(self, token_slots) -> None:
         """Writes the mapping of `token_slots` ([T] ints: a list or an int32 array) into the host area."""
@@ -185,7 +184,7 @@ def build_on_host(
     tile_ends[:] = np.where(valid, np.minimum(start + block_m, ends[seg_c]), 0)
 
 
-def build_mapping(token_slots, num_slots: int) -> LoraMapping:
+def build_mapping(token_slots: torch.Tensor, num_slots: int) -> LoraMapping:
     """One-off mapping in fresh buffers on `token_slots`' device (tests, benchmarks).
     token_slots: [T] int tensor."""
     buffers = LoraMappingBuffers(max(1, token_slots.shape[0]), num_slots, token_slots.device)

@@ -293,9 +293,11 @@ class Engine:
         launched = self._launch(plan, previous)
         if previous is not None:
             self._land(previous)  # while the device runs `launched`
-        if launched is not None and self.overlap:
+        if launched is None:
+            return
+        if self.overlap:
             self._in_flight = launched
-        elif launched is not None:
+        else:
             self._land(launched)
 
     def _launch(self, plan: list[Scheduled], previous: LaunchedStep | None) -> LaunchedStep | None:

@@ -171,7 +171,7 @@ def add_serve_flags(p) -> None:
                    help="VeRA adapters: shared = each frozen projection stored once (an adapter costs its two vectors); "
                         "folded = per-adapter factors, like a LoRA of the same rank")
     e.add_argument("--cpu-threads", type=int, default=d["cpu_threads"],
-                   help="torch threads for the engine on CPU (default: torch's; 1 is fastest for the tiny model)")
+                   help="torch threads for the engine on CPU (default: every core but one; 1 is fastest for the tiny model)")
     e.add_argument("--nf4-backend", choices=("bnb", "auto", "triton"), default=d["nf4_backend"],
                    help="NF4 base matmul: bitsandbytes, or our fused Triton kernel (auto: where its shape policy picks it)")
     p.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds running requests get to finish on SIGTERM")

@@ -29,7 +29,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +44,7 @@ from loraplex.server.engine.config import EngineConfig
 from loraplex.server.engine.device_adapters import DeviceAdapters
 from loraplex.server.engine.errors import UnknownAdapter
 from loraplex.server.engine.host_cache import HostCache
+from loraplex.server.engine.threads import helper_executor, one_torch_thread
 from loraplex.server.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -123,8 +124,8 @@ class AdapterManager:
         self._mixtures: set = set()  # MixtureKeys loading, host-cached or resident: retired with their parts
         self._versions = itertools.count(1)
         self._lock = threading.RLock()
-        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-loader")
-        self._validator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-validator")
+        self._loader = helper_executor("adapter-loader")
+        self._validator = helper_executor("adapter-validator")
         self._validating: list[Future] = []
         self.load_failures = 0
         # conversions' device work (DoRA's ‖W + s·B·A‖, the numerics' ‖W‖ of NF4 weights
@@ -144,7 +145,7 @@ class AdapterManager:
         from loraplex.adapters.loader import load_adapter_dir
 
         try:
-            with torch.cuda.stream(self._convert_stream):  # None (CPU): no-op
+            with torch.cuda.stream(self._convert_stream), one_torch_thread():  # stream None (CPU): no-op
                 return load_adapter_dir(Path(path), self._base, max_rank=self._max_rank, dtype=self._dtype, max_bytes=self._max_adapter_bytes)
         except Exception:
             with self._lock:

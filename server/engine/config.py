@@ -45,9 +45,10 @@ class EngineConfig:
     # NF4 base matmul: "bnb" (bitsandbytes), "auto" (our fused Triton kernel where its
     # shape policy picks it) or "triton". "bnb" until an H100 run has measured the crossovers.
     nf4_backend: str = "bnb"
-    # torch intra-op threads while the engine steps on the CPU (None = torch's default). On
-    # small models 1 is fastest: 32 requests × 32 tokens over 8 adapters on the tiny model took
-    # 0.58 s with 1 thread and 1.14 s with 2 (2-core CPU, bench/engine_mixed.py workload).
+    # torch intra-op threads of the engine thread on the CPU; None = every core this process
+    # may use but one (threads.py: the helpers run on one torch thread each). On small models
+    # 1 is fastest: 32 requests × 32 tokens over 8 adapters on the tiny model took 0.58 s with
+    # 1 thread and 1.14 s with 2 (2-core CPU, bench/engine_mixed.py workload).
     cpu_threads: int | None = None
 
     def __post_init__(self) -> None:

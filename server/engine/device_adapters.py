@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Hashable
 
 import torch
 
 from loraplex.server.engine.adapter_pages import AdapterPages, StagedAdapter
+from loraplex.server.engine.threads import helper_executor
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class DeviceAdapters:
         cuda = pages.device.type == "cuda"
         self._stream = torch.cuda.Stream(pages.device) if cuda else None
         self._inline = cuda if inline_writes is None else inline_writes
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-writer")
+        self._writer = helper_executor("adapter-writer")
         self.counters = SlotCounters()
 
     @property

@@ -41,6 +41,7 @@ from loraplex.server.engine.runner import ModelRunner
 from loraplex.server.engine.sampler import SAMPLING_FAILED_ERROR, SamplerInputs, request_seed, sample_step
 from loraplex.server.engine.scheduler import Scheduled, Scheduler, SchedulerConfig
 from loraplex.server.engine.sequence import Sequence
+from loraplex.server.engine.threads import engine_cpu_threads
 from loraplex.server.engine.tokenizer import Tokenizer
 from loraplex.server.model.loader import LoadSpec, load_model
 from loraplex.server.model.ops import model_ops
@@ -247,8 +248,8 @@ class Engine:
     # -- the engine thread ---------------------------------------------------------------
     def _loop(self) -> None:
         use_device(self.model.device)
-        if self.model.device.type == "cpu" and self.config.cpu_threads:
-            torch.set_num_threads(self.config.cpu_threads)  # for this thread: OpenMP counts per calling thread
+        if self.model.device.type == "cpu":  # for this thread: OpenMP counts per calling thread (threads.py)
+            torch.set_num_threads(engine_cpu_threads(self.config.cpu_threads))
         try:
             self.runner.capture()  # CUDA graphs of the decode buckets, before the first request
         except Exception:  # serving eagerly beats not serving

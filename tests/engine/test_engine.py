@@ -3,9 +3,11 @@ queue bounds, preemption."""
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
+import loraplex
 from loraplex.server.engine.errors import EngineDraining, InvalidRequest, QueueFull, UnknownAdapter
 from loraplex.server.engine.request import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
 
@@ -151,13 +153,24 @@ def test_a_sampling_failure_ends_only_its_request(make_engine, monkeypatch):
     assert [h.result(timeout=60).finish_reason for h in good] == ["length"] * len(PROMPTS)
 
 
-def test_cpu_threads_setting_reaches_torch(make_engine, monkeypatch):
-    """The engine thread sets its own torch thread count (OpenMP's is per calling thread)."""
+@pytest.mark.parametrize("requested", [1, None])
+def test_cpu_threads_setting_reaches_torch(make_engine, monkeypatch, requested):
+    """The engine thread sets its own torch thread count (OpenMP's is per calling thread):
+    the configured one, by default every core but one; the adapter helpers' threads run on
+    one (threads.py), and an admin conversion leaves its caller's count as it was."""
+    import os
+
     import torch
 
     calls = []
     real = torch.set_num_threads
     monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append((threading.current_thread().name, n)), real(n)))
-    engine = make_engine(cpu_threads=1)
-    engine.generate(_req(engine, "the cat", max_new_tokens=2), timeout=30)
-    assert calls == [("engine", 1)]
+    engine = make_engine(cpu_threads=requested, adapter_root=Path(loraplex.__file__).parent / "assets" / "adapters")
+    engine.generate(GenerationRequest(engine.tokenizer.encode("the cat"), SamplingParams(max_new_tokens=2), adapter_id="shout"), timeout=30)
+    expected = requested or max(1, len(os.sched_getaffinity(0)) - 1)
+    assert [n for name, n in calls if name == "engine"] == [expected]
+    helpers = {name.rsplit("_", 1)[0]: n for name, n in calls if name.startswith("adapter-")}
+    assert helpers.get("adapter-writer") == 1 and set(helpers.values()) == {1}
+    before = torch.get_num_threads()
+    engine.adapters.validate(engine.adapters.get("shout").path)
+    assert torch.get_num_threads() == before and (threading.current_thread().name, 1) in calls

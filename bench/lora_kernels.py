@@ -147,9 +147,8 @@ class Bench:
 
     def check(self, x, y, t, pool: Pool, mapping, slots_dev) -> tuple[float, bool, torch.Tensor]:
         """(max |error|, within tolerance, the kernels' y) of the kernel pair against
-        shrink_ref/expand_ref on up to 64 rows spread over the batch (the reference runs
-        one matmul per adapter and slice: slow for a zipf batch of 256 adapters). y is
-        left as it was."""
+        shrink_ref/expand_ref on up to 64 rows spread over the batch (the reference gathers
+        each adapter's factors: slow for a long batch of many adapters). y is left as it was."""
         got = y.clone()
         self.triton_pair(x, got, t, pool, mapping)
         T = x.shape[0]

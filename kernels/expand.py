@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from loraplex.kernels.mapping import LoraMapping
-from loraplex.kernels.rank_pages import RANK_PAGE, check_table, rows_of
+from loraplex.kernels.rank_pages import RANK_PAGE, check_table, gather_rows, pages_for, rows_of
 
 MAX_SLICES_PER_LAUNCH = 3  # q|k|v, the widest fused module of the Llama family; more slices take more launches
 # Output columns per program. 128 bf16 columns of y are 256 B per row (full cache lines);
@@ -260,11 +260,31 @@ def expand_ref(
     if sum(widths) != y.shape[1]:
         raise ValueError(f"output slices cover {sum(widths)} columns but y has {y.shape[1]}")
     max_rank = page_table.shape[2] * RANK_PAGE
-    # One matmul per adapter in the batch (the CPU backend: few distinct adapters per step).
-    slots = mapping.token_slots.long()  # [T]
-    table, rank_of, scale_of = page_table.tolist(), ranks.tolist(), scales.tolist()
-    for s in torch.unique(slots[slots >= 0]).tolist():
-        rows = (slots == s).nonzero().squeeze(1)  # [T_s]
+    # The CPU backend: one padded bmm per slice for the short segments (decode rows over
+    # any number of adapters), one matmul per longer segment (mapping.SlotGroups).
+    groups = mapping.slot_groups()
+    if groups.slots.numel():
+        slots = groups.slots  # [D]
+        tables = page_table[:, slots]  # [n, D, MP]
+        slot_ranks = ranks[:, slots].clamp(max=max_rank)  # [n, D]
+        slot_scales = scales[:, slots]  # [n, D]
+        for i, (pages, bound) in enumerate(zip(bt_pages, slot_ranks.amax(1).tolist())):
+            cols = slice(offsets[i], offsets[i] + widths[i])
+            v = y[groups.tokens, cols].float()  # [D, M, out_i]
+            n = pages_for(bound)
+            if n > 0:
+                live = torch.arange(n * RANK_PAGE, device=t.device)[None, :] < slot_ranks[i][:, None]  # [D, R_i]
+                ts = torch.where(live[:, None, :], t[i][groups.tokens, : n * RANK_PAGE].float(), 0.0)  # [D, M, R_i]
+                d = torch.bmm(ts, gather_rows(pages, tables[i], slot_ranks[i], n).float())  # [D, M, out_i]
+                if out_scale is not None:
+                    d = out_scale[i][slots].float()[:, None, :] * d
+                v += slot_scales[i][:, None, None] * d
+            if g is not None:
+                v = g[i][slots].float()[:, None, :] * v
+            y[groups.rows, cols] = v[groups.valid].to(y.dtype)
+    if groups.long:
+        table, rank_of, scale_of = page_table.tolist(), ranks.tolist(), scales.tolist()
+    for s, rows in groups.long:
         for i, pages in enumerate(bt_pages):
             r = min(rank_of[i][s], max_rank)
             cols = slice(offsets[i], offsets[i] + widths[i])

@@ -16,7 +16,7 @@ any mapping of the same number of tokens. This module knows nothing about adapte
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -64,9 +64,19 @@ class LoraMapping:
     tile_starts: torch.Tensor | None = None  # [G] int32, first position in sorted_tokens
     tile_ends: torch.Tensor | None = None  # [G] int32, one past the last position (== start for EMPTY_TILE)
 
+    _groups: "SlotGroups | None" = field(default=None, repr=False, compare=False)  # slot_groups(), built once
+
     @property
     def num_tokens(self) -> int:
         return self.token_slots.shape[0]
+
+    def slot_groups(self) -> "SlotGroups":
+        """The adapter tokens by slot for the torch ops' batched matmuls (`SlotGroups`);
+        built on first use from sorted_tokens and slot_starts (read back to the host: a
+        sync on CUDA, where only tests call the torch ops), then kept for the step's layers."""
+        if self._groups is None:
+            self._groups = SlotGroups.build(self.sorted_tokens, self.slot_starts, self.num_slots)
+        return self._groups
 
     def tiles(self) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(block_m, tile_slots, tile_starts, tile_ends); built here if the mapping has none
@@ -75,6 +85,45 @@ class LoraMapping:
             built = build_mapping(self.token_slots, self.num_slots)
             self.block_m, self.tile_slots, self.tile_starts, self.tile_ends = built.tiles()
         return self.block_m, self.tile_slots, self.tile_starts, self.tile_ends
+
+
+# Segments of at most this many tokens (decode rows, short chunks) share one padded
+# batched matmul in the torch ops; a longer segment (a prefill chunk) gets its own.
+SHORT_SEGMENT = 16
+
+
+@dataclass(frozen=True)
+class SlotGroups:
+    """A step's adapter tokens grouped by slot, for the torch ops (shrink_ref, expand_ref).
+
+    The D slots whose segment has at most SHORT_SEGMENT tokens form one padded batch: row d
+    of `tokens` holds slot `slots[d]`'s tokens, padded with its first one, `valid` marks
+    the real entries and `rows` lists them (tokens[valid]). Each longer segment is a
+    (slot, [T_s] tokens) pair of `long`. So a decode step over D adapters takes one bmm
+    per slice instead of D matmuls, and a prefill chunk is not padded to."""
+
+    slots: torch.Tensor  # [D] long
+    tokens: torch.Tensor  # [D, M] long, M = the longest short segment
+    valid: torch.Tensor  # [D, M] bool
+    rows: torch.Tensor  # [N] long, tokens[valid]: N = the short segments' tokens
+    long: tuple[tuple[int, torch.Tensor], ...]  # (slot, [T_s] long) per longer segment
+
+    @staticmethod
+    def build(sorted_tokens: torch.Tensor, slot_starts: torch.Tensor, num_slots: int) -> "SlotGroups":
+        order = sorted_tokens.cpu().numpy().astype(np.int64)  # [T]
+        starts = slot_starts.cpu().numpy().astype(np.int64)  # [S + 1]; base tokens from starts[S]
+        counts = starts[1:] - starts[:-1]  # [S]
+        short = np.flatnonzero((counts > 0) & (counts <= SHORT_SEGMENT))  # [D]
+        m = int(counts[short].max()) if len(short) else 0
+        offsets = np.arange(m)[None, :]  # [1, M]
+        valid = offsets < counts[short][:, None]  # [D, M]
+        at = starts[short][:, None] + np.where(valid, offsets, 0)  # [D, M] positions in sorted_tokens
+        tokens = order[at] if len(short) else np.zeros((0, 0), dtype=np.int64)
+        long = tuple((int(s), torch.from_numpy(order[starts[s] : starts[s + 1]]).to(sorted_tokens.device))
+                     for s in np.flatnonzero(counts > SHORT_SEGMENT))  # fmt: skip
+        dev = sorted_tokens.device
+        return SlotGroups(torch.from_numpy(short).to(dev), torch.from_numpy(tokens).to(dev), torch.from_numpy(valid).to(dev),
+                          torch.from_numpy(tokens[valid]).to(dev), long)  # fmt: skip
 
 
 class LoraMappingBuffers:

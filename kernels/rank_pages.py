@@ -64,3 +64,14 @@ def check_table(page_table: torch.Tensor, ranks: torch.Tensor, n_slices: int) ->
     if ranks.shape != (n_slices, num_slots) or ranks.dtype != torch.int32 or not ranks.is_contiguous():
         raise ValueError(f"ranks must be contiguous int32 [{n_slices}, {num_slots}]")
     return num_slots, max_pages
+
+
+def gather_rows(pages: torch.Tensor, page_ids: torch.Tensor, ranks: torch.Tensor, num_pages: int) -> torch.Tensor:
+    """[D, 16 * num_pages, width] rows 0..16·num_pages-1 of D adapters' factors, from `pages`
+    [P, 16, width], their page ids `page_ids` [D, >= num_pages] and ranks [D]; rows past
+    each adapter's rank are zero (whatever its pages or the table entries past
+    ceil(rank / 16) hold). num_pages: at least ceil(max(ranks) / 16)."""
+    d, width = page_ids.shape[0], pages.shape[-1]
+    rows = pages[page_ids[:, :num_pages].long()].reshape(d, num_pages * RANK_PAGE, width)  # [D, R, width]
+    keep = torch.arange(num_pages * RANK_PAGE, device=pages.device)[None, :] < ranks[:, None]  # [D, R]
+    return torch.where(keep[:, :, None], rows, torch.zeros((), dtype=rows.dtype, device=rows.device))

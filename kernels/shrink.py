@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from loraplex.kernels.mapping import LoraMapping
-from loraplex.kernels.rank_pages import RANK_PAGE, check_table, rows_of
+from loraplex.kernels.rank_pages import RANK_PAGE, check_table, gather_rows, pages_for, rows_of
 
 MAX_SLICES_PER_LAUNCH = 3  # q|k|v, the widest fused module of the Llama family; more slices take more launches
 # Bytes of A per pipeline stage (all slices): 24 KiB keeps 3 stages plus the x tile
@@ -296,11 +296,24 @@ def shrink_ref(
         out.zero_()
     if not mapping.any_adapter or num_tokens == 0:
         return out
-    # One matmul per adapter in the batch (the CPU backend: few distinct adapters per step).
-    slots = mapping.token_slots.long()  # [T]
-    table, rank_of = page_table.tolist(), ranks.tolist()  # n_slices × [S × [MP]], n_slices × [S]
-    for s in torch.unique(slots[slots >= 0]).tolist():
-        rows = (slots == s).nonzero().squeeze(1)  # [T_s]
+    # The CPU backend: one padded bmm per slice for the short segments (decode rows over
+    # any number of adapters), one matmul per longer segment (mapping.SlotGroups).
+    groups = mapping.slot_groups()
+    if groups.slots.numel():
+        xs = x[groups.tokens].float()  # [D, M, in]
+        tables = page_table[:, groups.slots]  # [n, D, MP]
+        slot_ranks = ranks[:, groups.slots].clamp(max=max_rank)  # [n, D]
+        for i, (pages, bound) in enumerate(zip(a_pages, slot_ranks.amax(1).tolist())):
+            n = pages_for(bound)
+            if n == 0:
+                continue  # no slot of the batch targets this slice
+            t = torch.bmm(xs, gather_rows(pages, tables[i], slot_ranks[i], n).float().transpose(1, 2))  # [D, M, R_i]
+            if rank_scale is not None:
+                t = t * rank_scale[i, groups.slots, : n * RANK_PAGE][:, None, :]
+            out[i, groups.rows, : n * RANK_PAGE] = t[groups.valid]
+    if groups.long:
+        table, rank_of = page_table.tolist(), ranks.tolist()  # n_slices × [S × [MP]], n_slices × [S]
+    for s, rows in groups.long:
         xs = x[rows].float()  # [T_s, in]
         for i, pages in enumerate(a_pages):
             r = min(rank_of[i][s], max_rank)

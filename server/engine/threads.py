@@ -28,7 +28,10 @@ def engine_cpu_threads(requested: int | None) -> int:
 
 
 def helper_executor(name: str) -> ThreadPoolExecutor:
-    """A one-worker executor whose thread runs torch ops on one CPU thread."""
+    """A one-worker executor whose thread runs torch ops on one CPU thread. (Not at a lower
+    CPU priority: a niced thread that holds the GIL when the OS parks it stalls the engine
+    thread; on the cold_adapter bench, CPU, the p99 of steps overlapping a load went from
+    ~2.0x to 2.0-3.2x the no-load median with the validator at nice 19.)"""
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=torch.set_num_threads, initargs=(1,))
 
 

@@ -166,11 +166,12 @@ def test_cpu_threads_setting_reaches_torch(make_engine, monkeypatch, requested):
     real = torch.set_num_threads
     monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append((threading.current_thread().name, n)), real(n)))
     engine = make_engine(cpu_threads=requested, adapter_root=Path(loraplex.__file__).parent / "assets" / "adapters")
+    engine.adapters.wait_validated(timeout=30)
     engine.generate(GenerationRequest(engine.tokenizer.encode("the cat"), SamplingParams(max_new_tokens=2), adapter_id="shout"), timeout=30)
     expected = requested or max(1, len(os.sched_getaffinity(0)) - 1)
     assert [n for name, n in calls if name == "engine"] == [expected]
     helpers = {name.rsplit("_", 1)[0]: n for name, n in calls if name.startswith("adapter-")}
-    assert helpers.get("adapter-writer") == 1 and set(helpers.values()) == {1}
+    assert helpers.get("adapter-writer") == 1 and helpers.get("adapter-validator") == 1 and set(helpers.values()) == {1}
     before = torch.get_num_threads()
     engine.adapters.validate(engine.adapters.get("shout").path)
     assert torch.get_num_threads() == before and (threading.current_thread().name, 1) in calls

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from loraplex.kernels.expand import expand, expand_ref
-from loraplex.kernels.mapping import LoraMapping, LoraMappingBuffers, build_mapping
+from loraplex.kernels.mapping import SHORT_SEGMENT, LoraMapping, LoraMappingBuffers, build_mapping
 from loraplex.kernels.shrink import shrink, shrink_ref
 
 from rank_page_cases import dense_factors, fill_pages, live_columns, paginate, random_ranks, shuffled_table
@@ -108,12 +108,15 @@ def test_matches_ref(dtype, mix):
 
 @pytest.mark.parametrize("dtype", list(TOL))
 @pytest.mark.parametrize("dora", [True, False])
-def test_ref_matches_dense_oracle(dtype, dora):
+@pytest.mark.parametrize("num_tokens,mix", [(13, "base25"), (48, "zipf")])
+def test_ref_matches_dense_oracle(dtype, dora, num_tokens, mix):
     # the paged Semantics, pinned without rank_pages: per token, per slice,
-    # y += scale * t[:r] @ Bᵀ[:r], then times g
+    # y += scale * t[:r] @ Bᵀ[:r], then times g; 48 zipf tokens: a segment past
+    # SHORT_SEGMENT (its own matmul) beside short ones (one bmm)
     ranks = random_ranks(2, 5, 40, torch.Generator().manual_seed(7))
     ranks[1, 2] = 0  # a slice this adapter does not target: y untouched (but for g)
-    c = make_case(13, [9, 20], 5, 40, dtype, "base25", seed=7, dora=dora, ranks=ranks)
+    c = make_case(num_tokens, [9, 20], 5, 40, dtype, mix, seed=7, dora=dora, ranks=ranks)
+    assert bool(c.mapping.slot_groups().long) == (num_tokens > SHORT_SEGMENT)
     want = c.y.float().clone()
     for tok, s in enumerate(c.mapping.token_slots.tolist()):
         if s < 0:

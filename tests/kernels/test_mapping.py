@@ -6,6 +6,7 @@ import torch
 from loraplex.kernels.mapping import (
     BASE_TILE,
     EMPTY_TILE,
+    SHORT_SEGMENT,
     LoraMapping,
     LoraMappingBuffers,
     block_m_for,
@@ -42,6 +43,25 @@ def check_mapping(m: LoraMapping, token_slots: list[int], num_slots: int) -> Non
     assert covered == list(range(t))  # every token in exactly one tile, in sorted order
     live = [s != EMPTY_TILE for s in tile_slots]
     assert live == sorted(live, reverse=True)  # empty entries only at the end
+    check_slot_groups(m, token_slots, num_slots)
+
+
+def check_slot_groups(m: LoraMapping, token_slots: list[int], num_slots: int) -> None:
+    """The torch ops' grouping: every adapter token once, by slot in token order; short
+    segments padded into one batch, longer ones alone; base tokens nowhere."""
+    tokens_of = {s: [i for i, k in enumerate(token_slots) if k == s] for s in range(num_slots)}
+    short = {s: toks for s, toks in tokens_of.items() if 0 < len(toks) <= SHORT_SEGMENT}
+    g = m.slot_groups()
+    assert g is m.slot_groups()  # built once per step
+    assert g.slots.tolist() == sorted(short)
+    width = max(map(len, short.values()), default=0)
+    assert g.tokens.shape == g.valid.shape == (len(short), width)
+    for d, s in enumerate(sorted(short)):
+        n = len(short[s])
+        assert g.tokens[d, :n].tolist() == short[s] and g.valid[d].tolist() == [True] * n + [False] * (width - n)
+        assert set(g.tokens[d].tolist()) == set(short[s])  # padding repeats one of its own tokens
+    assert g.rows.tolist() == [t for s in sorted(short) for t in short[s]]
+    assert [(s, t.tolist()) for s, t in g.long] == [(s, toks) for s, toks in tokens_of.items() if len(toks) > SHORT_SEGMENT]
 
 
 @pytest.mark.parametrize(

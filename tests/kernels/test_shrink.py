@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from loraplex.kernels.mapping import LoraMapping, build_mapping
+from loraplex.kernels.mapping import SHORT_SEGMENT, LoraMapping, build_mapping
 from loraplex.kernels.shrink import shrink, shrink_ref
 
 from rank_page_cases import dense_factors, live_columns, paginate, random_ranks
@@ -78,13 +78,17 @@ def test_matches_ref(dtype, mix):
 
 
 @pytest.mark.parametrize("dtype", list(TOL))
-def test_ref_matches_dense_oracle(dtype):
-    # the paged Semantics, pinned without rank_pages: per token, per slice, x @ A[:r]ᵀ
+@pytest.mark.parametrize("num_tokens,mix", [(13, "base25"), (48, "zipf")])
+def test_ref_matches_dense_oracle(dtype, num_tokens, mix):
+    # the paged Semantics, pinned without rank_pages: per token, per slice, x @ A[:r]ᵀ;
+    # 48 zipf tokens: a segment past SHORT_SEGMENT (its own matmul) beside short ones (one bmm)
     ranks = random_ranks(2, 5, 40, torch.Generator().manual_seed(7))
     ranks[1, 2] = 0  # a slice this adapter does not target
-    c = make_case(13, 37, 5, 40, 2, dtype, "base25", seed=7, ranks=ranks)
+    c = make_case(num_tokens, 37, 5, 40, 2, dtype, mix, seed=7, ranks=ranks)
+    groups = c.mapping.slot_groups()
+    assert groups.slots.numel() and bool(groups.long) == (num_tokens > SHORT_SEGMENT)
     slots = c.mapping.token_slots.tolist()
-    want = torch.zeros(2, 13, c.table.shape[2] * 16, device=DEVICE)
+    want = torch.zeros(2, num_tokens, c.table.shape[2] * 16, device=DEVICE)
     for tok, s in enumerate(slots):
         for i in range(2):
             r = int(c.ranks[i, s]) if s >= 0 else 0

@@ -340,6 +340,11 @@ def main(argv=None) -> int:
             del engine
         if args.device == "cuda":
             torch.cuda.empty_cache()
+        device = torch.device(args.device)
+        bandwidth = common.copy_bandwidth_gbs(device) * 1e9  # bytes/s (read + write)
+        json_path = args.json
+        if not args.skip_peft:  # loraplex's figures first: a baseline that overruns the step's budget loses only itself
+            json_path = report(args, shape, rows, bandwidth, None, "the HF NF4 + PEFT baseline has not run yet", json_path)
         peft_error = None
         if not args.skip_peft:
             try:  # the baseline's failure must not lose loraplex's rows
@@ -353,8 +358,26 @@ def main(argv=None) -> int:
             except Exception as e:  # noqa: BLE001 - reported, and the exit status says so
                 peft_error = f"{type(e).__name__}: {e}"
                 log(f"the HF NF4 + PEFT baseline failed: {peft_error}")
+    path = report(args, shape, rows, bandwidth, peft_error, None, json_path)
+    plot(rows, 1e3 * args.batch / rows[0]["limit_ms"], args.png or path.with_suffix(".png"))
+    log("done")
+    if peft_error is not None:
+        print(f"FAIL: the PEFT baseline did not run: {peft_error}", file=sys.stderr)
+        return 1
+    peft = next((r for r in rows if r["system"].startswith("HF")), None)
+    same = None if peft is None else sum(a == b for a, b in zip(rows[0]["outputs"], peft["outputs"]))
+    if args.smoke and peft is not None and same != len(peft["outputs"]):
+        print(f"FAIL: loraplex's greedy tokens differ from PEFT's for {len(peft['outputs']) - same} requests", file=sys.stderr)
+        return 1
+    return 0
+
+
+def report(args, shape: Shape, rows: list[dict], bandwidth: float, peft_error: str | None, pending: str | None,
+           json_path: Path | None) -> Path:  # fmt: skip
+    """Adds the memory-limit figures to `rows`, prints the table and writes the JSON to
+    json_path (None: a new file), which it returns; `pending` says what has not run yet
+    (the first report, before the baseline). bandwidth: bytes/s."""
     device = torch.device(args.device)
-    bandwidth = common.copy_bandwidth_gbs(device) * 1e9  # bytes/s (read + write)
     context = args.prompt_len + (args.new_tokens - 1) / 2  # mean context over the decode steps
     for r in rows:
         r["bytes"] = step_bytes(shape, args.batch, context, r["k"], args.rank)
@@ -391,19 +414,11 @@ def main(argv=None) -> int:
     payload = {"bench": "engine_e2e", "smoke": args.smoke, "env": common.environment(device), "shape": vars(shape),
                "args": {k: str(v) for k, v in vars(args).items()}, "copy_gbs": bandwidth / 1e9, "mean_context": context,
                "memory_limit_tok_s": limit_tok_s, "same_tokens_as_peft": same, "same_tokens_graphs_eager": same_eager,
-               "same_tokens_overlapped_sync": same_sync, "peft_error": peft_error,
+               "same_tokens_overlapped_sync": same_sync, "peft_error": peft_error, "pending": pending,
                "rows": [{k: v for k, v in r.items() if k != "outputs"} for r in rows]}  # fmt: skip
-    path = common.write_json(args.json, "engine_e2e-smoke" if args.smoke else "engine_e2e", payload)
-    print(f"wrote {path}", file=sys.stderr)
-    plot(rows, limit_tok_s, args.png or path.with_suffix(".png"))
-    log("done")
-    if peft_error is not None:
-        print(f"FAIL: the PEFT baseline did not run: {peft_error}", file=sys.stderr)
-        return 1
-    if args.smoke and peft is not None and same != len(peft["outputs"]):
-        print(f"FAIL: loraplex's greedy tokens differ from PEFT's for {len(peft['outputs']) - same} requests", file=sys.stderr)
-        return 1
-    return 0
+    path = common.write_json(json_path, "engine_e2e-smoke" if args.smoke else "engine_e2e", payload)
+    print(f"wrote {path}" + (f" ({pending})" if pending else ""), file=sys.stderr)
+    return path
 
 
 def plot(rows: list[dict], limit_tok_s: float, path: Path) -> None:

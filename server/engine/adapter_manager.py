@@ -44,7 +44,7 @@ from loraplex.server.engine.config import EngineConfig
 from loraplex.server.engine.device_adapters import DeviceAdapters
 from loraplex.server.engine.errors import UnknownAdapter
 from loraplex.server.engine.host_cache import HostCache
-from loraplex.server.engine.threads import helper_executor, one_torch_thread
+from loraplex.server.engine.threads import helper_executor, helper_torch_threads
 from loraplex.server.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -124,8 +124,8 @@ class AdapterManager:
         self._mixtures: set = set()  # MixtureKeys loading, host-cached or resident: retired with their parts
         self._versions = itertools.count(1)
         self._lock = threading.RLock()
-        self._loader = helper_executor("adapter-loader")
-        self._validator = helper_executor("adapter-validator")
+        self._loader = helper_executor("adapter-loader", model.device)
+        self._validator = helper_executor("adapter-validator", model.device)
         self._validating: list[Future] = []
         self.load_failures = 0
         # conversions' device work (DoRA's ‖W + s·B·A‖, the numerics' ‖W‖ of NF4 weights
@@ -145,7 +145,7 @@ class AdapterManager:
         from loraplex.adapters.loader import load_adapter_dir
 
         try:
-            with torch.cuda.stream(self._convert_stream), one_torch_thread():  # stream None (CPU): no-op
+            with torch.cuda.stream(self._convert_stream), helper_torch_threads(self._base.device):  # stream None (CPU): no-op
                 return load_adapter_dir(Path(path), self._base, max_rank=self._max_rank, dtype=self._dtype, max_bytes=self._max_adapter_bytes)
         except Exception:
             with self._lock:

@@ -59,7 +59,7 @@ class DeviceAdapters:
         cuda = pages.device.type == "cuda"
         self._stream = torch.cuda.Stream(pages.device) if cuda else None
         self._inline = cuda if inline_writes is None else inline_writes
-        self._writer = helper_executor("adapter-writer")
+        self._writer = helper_executor("adapter-writer", pages.device)
         self.counters = SlotCounters()
 
     @property

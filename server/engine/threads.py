@@ -1,14 +1,20 @@
-"""Torch's CPU threads across the engine's Python threads.
+"""Torch's CPU threads across the engine's Python threads, when the model runs on the CPU.
 
 OpenMP gives every Python thread that runs a parallel torch op its own team of workers.
 Once the teams hold more threads than there are cores, libgomp stops spinning between
 parallel regions and parks its workers, so every small op pays a sleep and a wake-up:
 measured on a 2-core machine (torch 2.13, OpenMP), a [4, 128] x [128, 16] matmul in a
 second thread took 4 µs with one torch thread and 140 µs with two, once the main thread
-had run a parallel op. So only the engine thread, which runs the model, gets more than one
-torch thread; the helpers (adapter loader, validator, writer) and the admin calls that
-convert an upload run their small tensor work on one, and the engine keeps a core free for the Python threads beside it (front ends,
-event delivery, the helpers)."""
+had run a parallel op. So on the CPU only the engine thread, which runs the model, gets
+more than one torch thread, and it leaves a core to the Python threads beside it (front
+ends, event delivery, the helpers); the helpers (adapter loader, validator, writer) and
+the admin calls that convert an upload run their small tensor work on one. Beside a GPU
+the engine thread's own CPU work is small, and the helpers keep torch's threads for the
+CPU side of conversions (reading and checking an adapter's tensors).
+
+(Not at a lower CPU priority either: a niced helper that holds the GIL when the OS parks
+it stalls the engine thread. On bench/cold_adapter.py, CPU, the p99 of the steps that
+overlap a load went from ~2.0x to 2.0-3.2x the no-load median with the validator at nice 19.)"""
 
 from __future__ import annotations
 
@@ -27,18 +33,22 @@ def engine_cpu_threads(requested: int | None) -> int:
     return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
-def helper_executor(name: str) -> ThreadPoolExecutor:
-    """A one-worker executor whose thread runs torch ops on one CPU thread. (Not at a lower
-    CPU priority: a niced thread that holds the GIL when the OS parks it stalls the engine
-    thread; on the cold_adapter bench, CPU, the p99 of steps overlapping a load went from
-    ~2.0x to 2.0-3.2x the no-load median with the validator at nice 19.)"""
+def helper_executor(name: str, device: torch.device) -> ThreadPoolExecutor:
+    """A one-worker executor for a helper of an engine whose model is on `device`: its
+    thread runs torch ops on one CPU thread when that is the CPU."""
+    if device.type != "cpu":
+        return ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=torch.set_num_threads, initargs=(1,))
 
 
 @contextmanager
-def one_torch_thread():
-    """Runs the block's torch ops on one CPU thread, then restores the calling thread's count
-    (an admin RPC's thread converting an upload: it would otherwise start a team of its own)."""
+def helper_torch_threads(device: torch.device):
+    """Runs the block's torch ops on one CPU thread when the model is on the CPU, then
+    restores the calling thread's count (an admin RPC's thread converting an upload would
+    otherwise start a team of its own)."""
+    if device.type != "cpu":
+        yield
+        return
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -5,7 +5,7 @@ import threading
 
 import torch
 
-from loraplex.server.engine.threads import engine_cpu_threads, helper_executor, one_torch_thread
+from loraplex.server.engine.threads import engine_cpu_threads, helper_executor, helper_torch_threads
 
 
 def _in_thread():
@@ -17,17 +17,29 @@ def test_engine_threads_default_to_every_core_but_one():
     assert engine_cpu_threads(3) == 3
 
 
-def test_helpers_run_on_one_torch_thread_at_the_callers_priority():
+def _in_new_thread():
+    got = []
+    t = threading.Thread(target=lambda: got.append(_in_thread()))
+    t.start()
+    t.join()
+    return got[0]
+
+
+def test_cpu_helpers_run_on_one_torch_thread_at_the_callers_priority():
     own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    pool = helper_executor("test-helper")
-    try:
-        assert pool.submit(_in_thread).result(timeout=10) == (1, own)
-    finally:
-        pool.shutdown()
+    for device, want in ((torch.device("cpu"), 1), (torch.device("cuda"), None)):  # no GPU needed: no CUDA call
+        want = want or _in_new_thread()[0]  # beside a GPU: what any new thread gets
+        pool = helper_executor("test-helper", device)
+        try:
+            assert pool.submit(_in_thread).result(timeout=10) == (want, own)
+        finally:
+            pool.shutdown()
 
 
-def test_one_torch_thread_restores_the_callers_count():
+def test_helper_torch_threads_restores_the_callers_count():
     before = torch.get_num_threads()
-    with one_torch_thread():
+    with helper_torch_threads(torch.device("cpu")):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
+    with helper_torch_threads(torch.device("cuda")):
+        assert torch.get_num_threads() == before

@@ -9,7 +9,10 @@
 # Steps, each under `timeout` with its own budget (they sum to <= 540 s), each logged; a
 # failing step does not stop the next:
 #   1 install (wheels and the project into $HOME/site, no index, no deps) + nvidia-smi  30 s
-#   2 the GPU tests (pytest -m gpu; a fresh machine compiles every kernel variant)     210 s
+#   2 the GPU tests (pytest -m gpu; a fresh machine compiles every kernel variant): the
+#     engine's first (the whole model on CUDA: graphs, overlapped steps, side-stream
+#     loads), then the kernels', each with its own budget so that one that runs out does
+#     not take the other's results with it                                        90 + 120 s
 #   3 short kernel tables: adapter shrink/expand, NF4 matmul, paged attention and the
 #     elementwise kernels (the last two only where their bench files exist)            115 s
 #   4 one adapter's device write (bench/adapter_writes.py: launches and issue time)     15 s
@@ -32,7 +35,8 @@ install
 # Only the folders that hold GPU tests are collected: the image lacks the HTTP, Ray and
 # hypothesis packages that other test folders import.
 # -v: one line per test as it ends, so that a timed-out run still shows how far it got.
-step tests 210 python3 -P -m pytest -v -m gpu -p no:cacheprovider --durations=15 tests/kernels tests/engine
+step tests_engine 90 python3 -P -m pytest -v -m gpu -p no:cacheprovider --durations=10 tests/engine
+step tests_kernels 120 python3 -P -m pytest -v -m gpu -p no:cacheprovider --durations=10 tests/kernels
 
 # 3: short kernel tables
 step lora_kernels 40 python3 bench/lora_kernels.py --phases decode --ranks 16 --budget 0.03 --out "$RESULTS/lora_kernels.json"

@@ -109,32 +109,33 @@ def paged_attention_torch(
         if q_len <= 1:  # nothing to do, or done above
             continue
         rows = cache.rows(meta.block_tables[b], ctx)
-        k = cache.k[layer][rows]  # [ctx, kv_heads, D]
-        v = cache.v[layer][rows]
-        groups = heads // k.shape[1]
-        k = k.repeat_interleave(groups, dim=1).transpose(0, 1)  # [heads, ctx, D]
-        v = v.repeat_interleave(groups, dim=1).transpose(0, 1)
-        qb = q[start:end].transpose(0, 1)  # [heads, q_len, D]
+        k = cache.k[layer][rows].transpose(0, 1)  # [KVH, ctx, D]
+        v = cache.v[layer][rows].transpose(0, 1)
+        kv_heads, dim = k.shape[0], k.shape[2]
+        groups = heads // kv_heads
+        # the G query heads of a KV head as G·q_len queries of that one head: no K/V copy per head
+        qb = q[start:end].reshape(q_len, kv_heads, groups, dim).permute(1, 2, 0, 3).reshape(kv_heads, groups * q_len, dim)
         q_pos = torch.arange(ctx - q_len, ctx, device=q.device).unsqueeze(1)  # [q_len, 1]
         k_pos = torch.arange(ctx, device=q.device).unsqueeze(0)  # [1, ctx]
         allowed = k_pos <= q_pos  # [q_len, ctx]
         if meta.sliding_window is not None:
             allowed &= k_pos > q_pos - meta.sliding_window
-        o = F.scaled_dot_product_attention(qb, k, v, attn_mask=allowed, scale=scale)  # [heads, q_len, D]
-        out[start:end] = o.transpose(0, 1)
+        o = F.scaled_dot_product_attention(qb, k, v, attn_mask=allowed.repeat(groups, 1), scale=scale)  # [KVH, G·q_len, D]
+        out[start:end] = o.view(kv_heads, groups, q_len, dim).permute(2, 0, 1, 3).reshape(q_len, heads, dim)
     return out
 
 
 def _decode_attention(q: torch.Tensor, cache: KVCache, layer: int, decode: DecodeLayout, scale: float) -> torch.Tensor:
-    """q: [Bd, H, D], one token of each decode sequence -> [Bd, H, D], contexts padded and masked."""
-    heads = q.shape[1]
-    k = cache.k[layer][decode.kv_rows]  # [Bd, L, KVH, D]
-    v = cache.v[layer][decode.kv_rows]
-    groups = heads // k.shape[2]
-    k = k.repeat_interleave(groups, dim=2).transpose(1, 2)  # [Bd, H, L, D]
-    v = v.repeat_interleave(groups, dim=2).transpose(1, 2)
-    o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=decode.allowed, scale=scale)  # [Bd, H, 1, D]
-    return o.squeeze(2)
+    """q: [Bd, H, D], one token of each decode sequence -> [Bd, H, D], contexts padded and
+    masked. The G = H / KVH query heads of a KV head attend as G queries of that one head,
+    so K and V are gathered once, not repeated per query head."""
+    bd, heads, dim = q.shape
+    k = cache.k[layer][decode.kv_rows].transpose(1, 2)  # [Bd, KVH, L, D]
+    v = cache.v[layer][decode.kv_rows].transpose(1, 2)
+    kv_heads = k.shape[1]
+    qg = q.reshape(bd, kv_heads, heads // kv_heads, dim)  # [Bd, KVH, G, D]: head h reads KV head h // G
+    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=decode.allowed, scale=scale)  # [Bd, KVH, G, D]
+    return o.reshape(bd, heads, dim)
 
 
 def attention_torch(q: torch.Tensor, step, layer: int, scale: float) -> torch.Tensor:

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from loraplex.kernels.mapping import LoraMapping
-from loraplex.kernels.rank_pages import RANK_PAGE, check_table, gather_rows, pages_for, rows_of
+from loraplex.kernels.rank_pages import RANK_PAGE, check_table, gather_rows, live_rows, pages_for, rows_of
 
 MAX_SLICES_PER_LAUNCH = 3  # q|k|v, the widest fused module of the Llama family; more slices take more launches
 # Output columns per program. 128 bf16 columns of y are 256 B per row (full cache lines);
@@ -273,9 +273,9 @@ def expand_ref(
             v = y[groups.tokens, cols].float()  # [D, M, out_i]
             n = pages_for(bound)
             if n > 0:
-                live = torch.arange(n * RANK_PAGE, device=t.device)[None, :] < slot_ranks[i][:, None]  # [D, R_i]
+                live = live_rows(slot_ranks[i], n * RANK_PAGE)  # [D, R_i]
                 ts = torch.where(live[:, None, :], t[i][groups.tokens, : n * RANK_PAGE].float(), 0.0)  # [D, M, R_i]
-                d = torch.bmm(ts, gather_rows(pages, tables[i], slot_ranks[i], n).float())  # [D, M, out_i]
+                d = torch.bmm(ts, gather_rows(pages, tables[i], n, slot_ranks[i]).float())  # [D, M, out_i]
                 if out_scale is not None:
                     d = out_scale[i][slots].float()[:, None, :] * d
                 v += slot_scales[i][:, None, None] * d

@@ -66,12 +66,19 @@ def check_table(page_table: torch.Tensor, ranks: torch.Tensor, n_slices: int) ->
     return num_slots, max_pages
 
 
-def gather_rows(pages: torch.Tensor, page_ids: torch.Tensor, ranks: torch.Tensor, num_pages: int) -> torch.Tensor:
+def gather_rows(pages: torch.Tensor, page_ids: torch.Tensor, num_pages: int, ranks: torch.Tensor | None = None) -> torch.Tensor:
     """[D, 16 * num_pages, width] rows 0..16·num_pages-1 of D adapters' factors, from `pages`
-    [P, 16, width], their page ids `page_ids` [D, >= num_pages] and ranks [D]; rows past
-    each adapter's rank are zero (whatever its pages or the table entries past
-    ceil(rank / 16) hold). num_pages: at least ceil(max(ranks) / 16)."""
+    [P, 16, width] and their page ids `page_ids` [D, >= num_pages]. With `ranks` [D], rows
+    past each adapter's rank are zero (whatever its pages or the table entries past
+    ceil(rank / 16) hold); without, they are what those pages hold, for a caller that
+    masks its output instead. num_pages: at least ceil(max rank / 16)."""
     d, width = page_ids.shape[0], pages.shape[-1]
     rows = pages[page_ids[:, :num_pages].long()].reshape(d, num_pages * RANK_PAGE, width)  # [D, R, width]
-    keep = torch.arange(num_pages * RANK_PAGE, device=pages.device)[None, :] < ranks[:, None]  # [D, R]
-    return torch.where(keep[:, :, None], rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
+    if ranks is None:
+        return rows
+    return torch.where(live_rows(ranks, num_pages * RANK_PAGE)[:, :, None], rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
+
+
+def live_rows(ranks: torch.Tensor, width: int) -> torch.Tensor:
+    """[D, width] bool: rank row j of adapter d is below its rank ranks[d]."""
+    return torch.arange(width, device=ranks.device)[None, :] < ranks[:, None]

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from loraplex.kernels.mapping import LoraMapping
-from loraplex.kernels.rank_pages import RANK_PAGE, check_table, gather_rows, pages_for, rows_of
+from loraplex.kernels.rank_pages import RANK_PAGE, check_table, gather_rows, live_rows, pages_for, rows_of
 
 MAX_SLICES_PER_LAUNCH = 3  # q|k|v, the widest fused module of the Llama family; more slices take more launches
 # Bytes of A per pipeline stage (all slices): 24 KiB keeps 3 stages plus the x tile
@@ -307,9 +307,12 @@ def shrink_ref(
             n = pages_for(bound)
             if n == 0:
                 continue  # no slot of the batch targets this slice
-            t = torch.bmm(xs, gather_rows(pages, tables[i], slot_ranks[i], n).float().transpose(1, 2))  # [D, M, R_i]
+            # column j of t reads only rank row j of A: the rows past each rank are masked
+            # in t [D, M, R], not in the larger A [D, R, in] (they may hold anything)
+            t = torch.bmm(xs, gather_rows(pages, tables[i], n).float().transpose(1, 2))  # [D, M, R_i]
             if rank_scale is not None:
                 t = t * rank_scale[i, groups.slots, : n * RANK_PAGE][:, None, :]
+            t = torch.where(live_rows(slot_ranks[i], n * RANK_PAGE)[:, None, :], t, 0.0)
             out[i, groups.rows, : n * RANK_PAGE] = t[groups.valid]
     if groups.long:
         table, rank_of = page_table.tolist(), ranks.tolist()  # n_slices × [S × [MP]], n_slices × [S]

@@ -5,8 +5,12 @@ in NF4 by each side; batch 32, prompts of 128 token ids, 64 new tokens (greedy,
 ignore_eos), 32 distinct rank-16 LoRA adapters on all seven projections (random,
 non-zero, PEFT directories under the engine's adapter root).
 
-Rows, in one run: loraplex (EngineConfig's defaults on CUDA but for 32 adapter slots and
-a device pool and host cache sized to hold them) with 32 distinct adapters, the same
+Rows, in one run: loraplex (EngineConfig's defaults on CUDA but for 32 adapter slots, a
+device pool and host cache sized to hold them, and the NF4 backend: `--nf4-backend`,
+default auto, our fused Triton dequant-matmul, since bitsandbytes dequantizes the whole
+weight for every batched matmul and so reads ~9x the NF4 bytes a decode step must; if
+that engine fails to build or warm up, the run says so and falls back to bitsandbytes)
+with 32 distinct adapters, the same
 eager (no CUDA graphs), the same with sync steps (each step's tokens read before the
 next step is launched: what overlapped steps buy), one for all, and none; Hugging Face transformers NF4 (BitsAndBytesConfig, double quantization) + PEFT's
 mixed-adapter batch (`generate(..., adapter_names=[...])`, the 32 adapters loaded with
@@ -167,7 +171,7 @@ def make_engine(args, model_dir: Path, adapter_root: Path, shape: Shape):
     slot = shape.layers * sum(2 * o for _, o in mods) * size
     pool = int(1.25 * args.adapters * (page * -(-args.rank // 16) + slot)) + (16 << 20)
     cfg = EngineConfig(model_dir=model_dir, adapter_root=adapter_root, device=args.device, adapter_slots=args.adapters,
-                       max_rank=args.rank, adapter_pool_bytes=pool, host_cache_bytes=max(1 << 30, 4 * pool),
+                       max_rank=args.rank, adapter_pool_bytes=pool, host_cache_bytes=max(1 << 30, 4 * pool), nf4_backend=args.nf4_backend,
                        max_running=max(64, args.batch), kv_cache_tokens=max(16384, args.batch * (args.prompt_len + args.new_tokens)))  # fmt: skip
     engine = Engine.from_config(cfg)
     engine.start()
@@ -285,6 +289,8 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=None, help="generated tokens per request (default 64; smoke 8)")
     p.add_argument("--model-dir", type=Path, default=None, help="reuse (or create here) the model directory")
     p.add_argument("--skip-peft", action="store_true", help="loraplex rows only")
+    p.add_argument("--nf4-backend", choices=("bnb", "auto", "triton"), default="auto",
+                   help="loraplex's NF4 base matmul (EngineConfig.nf4_backend; the engine's own default is bnb)")
     p.add_argument("--json", type=Path, default=None, help="result path (default bench/results/engine_e2e-<time>.json)")
     p.add_argument("--png", type=Path, default=None, help="bar chart path (default: beside the JSON)")
     args = p.parse_args(argv)
@@ -322,10 +328,22 @@ def main(argv=None) -> int:
                      ("loraplex", "1 for all", [(ids, names[0]) for ids in prompts], 1),
                      ("loraplex", "none", [(ids, None) for ids in prompts], 0)]  # fmt: skip
         rows = []
-        engine = make_engine(args, model_dir, adapter_root, shape)
-        log("engine loaded and warmed up")
+        args.nf4_fallback, engine = None, None
         try:
+            engine = make_engine(args, model_dir, adapter_root, shape)
             run_engine(engine, [(ids, a) for ids, a in mixed], min(4, args.new_tokens))  # compiles the batch's kernels
+        except Exception as e:  # noqa: BLE001 - the fused kernel failing must not lose the run: said, then bitsandbytes
+            if args.nf4_backend == "bnb":
+                raise
+            args.nf4_fallback = f"nf4_backend={args.nf4_backend} failed ({type(e).__name__}: {e}); rows use bnb"
+            log(args.nf4_fallback)
+            if engine is not None:
+                engine.shutdown(1)
+            args.nf4_backend = "bnb"
+            engine = make_engine(args, model_dir, adapter_root, shape)
+            run_engine(engine, [(ids, a) for ids, a in mixed], min(4, args.new_tokens))
+        log(f"engine loaded and warmed up (nf4_backend {args.nf4_backend})")
+        try:
             for system, adapters, jobs, k in workloads:
                 rows.append({"system": system, "adapters": adapters, "k": k, **run_engine(engine, jobs, args.new_tokens)})
                 log(f"{system} / {adapters}: {rows[-1]['tok_s']:.1f} tok/s, decode step {rows[-1]['step_ms']} ms")
@@ -394,7 +412,9 @@ def report(args, shape: Shape, rows: list[dict], bandwidth: float, peft_error: s
             r["vs_peft"] = r["tok_s"] / peft["tok_s"]
     print(f"{'smoke: ' if args.smoke else ''}{shape.layers} layers of hidden {shape.hidden} / intermediate {shape.intermediate}, "
           f"vocab {shape.vocab}; batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, rank-{args.rank} "
-          f"LoRA on 7 projections; {common.environment(device)['device']}")  # fmt: skip
+          f"LoRA on 7 projections; loraplex NF4 backend {args.nf4_backend}; {common.environment(device)['device']}")  # fmt: skip
+    if args.nf4_fallback:
+        print(f"NOTE: {args.nf4_fallback}")
     print(f"copy bandwidth {bandwidth / 1e9:,.0f} GB/s; bytes per decode step (mixed row): NF4 layers {mixed_limit['bytes']['nf4_layers'] / 1e6:,.1f} MB, "
           f"lm_head {mixed_limit['bytes']['lm_head'] / 1e6:,.1f} MB, adapters {mixed_limit['bytes']['adapters'] / 1e6:,.1f} MB, "
           f"KV {mixed_limit['bytes']['kv'] / 1e6:,.1f} MB (mean context {context:.0f})")  # fmt: skip
@@ -415,6 +435,7 @@ def report(args, shape: Shape, rows: list[dict], bandwidth: float, peft_error: s
                "args": {k: str(v) for k, v in vars(args).items()}, "copy_gbs": bandwidth / 1e9, "mean_context": context,
                "memory_limit_tok_s": limit_tok_s, "same_tokens_as_peft": same, "same_tokens_graphs_eager": same_eager,
                "same_tokens_overlapped_sync": same_sync, "peft_error": peft_error, "pending": pending,
+               "nf4_backend": args.nf4_backend, "nf4_fallback": args.nf4_fallback,
                "rows": [{k: v for k, v in r.items() if k != "outputs"} for r in rows]}  # fmt: skip
     path = common.write_json(json_path, "engine_e2e-smoke" if args.smoke else "engine_e2e", payload)
     print(f"wrote {path}" + (f" ({pending})" if pending else ""), file=sys.stderr)

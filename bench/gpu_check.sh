@@ -16,7 +16,8 @@
 #   3 short kernel tables: adapter shrink/expand, NF4 matmul, paged attention and the
 #     elementwise kernels (the last two only where their bench files exist)            115 s
 #   4 one adapter's device write (bench/adapter_writes.py: launches and issue time)     15 s
-#   5 the end-to-end engine bench (bench/engine_e2e.py)                                170 s
+#   5 the end-to-end engine bench (bench/engine_e2e.py; loraplex on the fused NF4
+#     kernel, bitsandbytes if that fails, which it says)                             170 s
 # Writes to $OUT (default bench/results/gpu) 4 files: gpu_check.log (every step's whole
 # output, tables included), gpu_check-summary.txt (step, exit status, seconds),
 # engine_e2e.json, and gpu_check-results.tar (every bench's JSON and PNG: kernel GB/s

@@ -250,6 +250,7 @@ class Engine:
         use_device(self.model.device)
         if self.model.device.type == "cpu":  # for this thread: OpenMP counts per calling thread (threads.py)
             torch.set_num_threads(engine_cpu_threads(self.config.cpu_threads))
+            log.info("engine thread: %d torch threads on the CPU (--cpu-threads)", torch.get_num_threads())
         try:
             self.runner.capture()  # CUDA graphs of the decode buckets, before the first request
         except Exception:  # serving eagerly beats not serving

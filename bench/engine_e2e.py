@@ -174,8 +174,12 @@ def make_engine(args, model_dir: Path, adapter_root: Path, shape: Shape):
                        max_rank=args.rank, adapter_pool_bytes=pool, host_cache_bytes=max(1 << 30, 4 * pool), nf4_backend=args.nf4_backend,
                        max_running=max(64, args.batch), kv_cache_tokens=max(16384, args.batch * (args.prompt_len + args.new_tokens)))  # fmt: skip
     engine = Engine.from_config(cfg)
-    engine.start()
-    engine.warmup()
+    try:
+        engine.start()
+        engine.warmup()
+    except BaseException:
+        engine.shutdown(1)  # its thread, validator and device memory must not outlive a failed start
+        raise
     return engine
 
 

@@ -270,18 +270,21 @@ def expand_ref(
         slot_scales = scales[:, slots]  # [n, D]
         for i, (pages, bound) in enumerate(zip(bt_pages, slot_ranks.amax(1).tolist())):
             cols = slice(offsets[i], offsets[i] + widths[i])
-            v = y[groups.tokens, cols].float()  # [D, M, out_i]
             n = pages_for(bound)
-            if n > 0:
-                live = live_rows(slot_ranks[i], n * RANK_PAGE)  # [D, R_i]
-                ts = torch.where(live[:, None, :], t[i][groups.tokens, : n * RANK_PAGE].float(), 0.0)  # [D, M, R_i]
-                d = torch.bmm(ts, gather_rows(pages, tables[i], n, slot_ranks[i]).float())  # [D, M, out_i]
-                if out_scale is not None:
-                    d = out_scale[i][slots].float()[:, None, :] * d
-                v += slot_scales[i][:, None, None] * d
-            if g is not None:
-                v = g[i][slots].float()[:, None, :] * v
-            y[groups.rows, cols] = v[groups.valid].to(y.dtype)
+            r_pad = n * RANK_PAGE
+            for part, rows in groups.runs(max(r_pad, 1) * widths[i]):
+                tokens, s = groups.tokens[part], slots[part]  # [C, M], [C]
+                v = y[tokens, cols].float()  # [C, M, out_i]
+                if n > 0:
+                    ranks_c = slot_ranks[i][part]  # [C]
+                    ts = torch.where(live_rows(ranks_c, r_pad)[:, None, :], t[i][tokens, :r_pad].float(), 0.0)  # [C, M, R_i]
+                    d = torch.bmm(ts, gather_rows(pages, tables[i][part], ranks_c, n).float())  # [C, M, out_i]
+                    if out_scale is not None:
+                        d = out_scale[i][s].float()[:, None, :] * d
+                    v += slot_scales[i][part][:, None, None] * d
+                if g is not None:
+                    v = g[i][s].float()[:, None, :] * v
+                y[rows, cols] = v[groups.valid[part]].to(y.dtype)
     if groups.long:
         table, rank_of, scale_of = page_table.tolist(), ranks.tolist(), scales.tolist()
     for s, rows in groups.long:

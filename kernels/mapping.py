@@ -90,6 +90,9 @@ class LoraMapping:
 # Segments of at most this many tokens (decode rows, short chunks) share one padded
 # batched matmul in the torch ops; a longer segment (a prefill chunk) gets its own.
 SHORT_SEGMENT = 16
+# Elements of the factors one batched matmul gathers (64 MiB in fp32): past it the slots
+# are taken in runs (SlotGroups.runs), so many adapters of a large model stay bounded.
+MAX_GATHER = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,18 @@ class SlotGroups:
     valid: torch.Tensor  # [D, M] bool
     rows: torch.Tensor  # [N] long, tokens[valid]: N = the short segments' tokens
     long: tuple[tuple[int, torch.Tensor], ...]  # (slot, [T_s] long) per longer segment
+
+    def runs(self, per_slot: int):
+        """(slots slice, rows [N_c]) of runs of the batch's slots whose gathered factors,
+        `per_slot` elements each, stay under MAX_GATHER (one run unless they would not)."""
+        d = self.slots.shape[0]
+        size = max(1, MAX_GATHER // max(1, per_slot))
+        if size >= d:
+            yield slice(0, d), self.rows
+            return
+        for lo in range(0, d, size):
+            part = slice(lo, min(lo + size, d))
+            yield part, self.tokens[part][self.valid[part]]
 
     @staticmethod
     def build(sorted_tokens: torch.Tensor, slot_starts: torch.Tensor, num_slots: int) -> "SlotGroups":

@@ -66,15 +66,17 @@ def check_table(page_table: torch.Tensor, ranks: torch.Tensor, n_slices: int) ->
     return num_slots, max_pages
 
 
-def gather_rows(pages: torch.Tensor, page_ids: torch.Tensor, num_pages: int, ranks: torch.Tensor | None = None) -> torch.Tensor:
+def gather_rows(pages: torch.Tensor, page_ids: torch.Tensor, ranks: torch.Tensor, num_pages: int, *, zero_past_rank: bool = True) -> torch.Tensor:
     """[D, 16 * num_pages, width] rows 0..16·num_pages-1 of D adapters' factors, from `pages`
-    [P, 16, width] and their page ids `page_ids` [D, >= num_pages]. With `ranks` [D], rows
-    past each adapter's rank are zero (whatever its pages or the table entries past
-    ceil(rank / 16) hold); without, they are what those pages hold, for a caller that
-    masks its output instead. num_pages: at least ceil(max rank / 16)."""
+    [P, 16, width], their page ids `page_ids` [D, >= num_pages] and ranks [D]. Table entries
+    past ceil(rank / 16) are never read (whatever they hold: page 0 stands in for them).
+    zero_past_rank: rows past each rank are zero; False: they hold whatever the pages do,
+    for a caller that masks its output instead. num_pages: at least ceil(max rank / 16)."""
     d, width = page_ids.shape[0], pages.shape[-1]
-    rows = pages[page_ids[:, :num_pages].long()].reshape(d, num_pages * RANK_PAGE, width)  # [D, R, width]
-    if ranks is None:
+    ids = page_ids[:, :num_pages].long()  # [D, n]
+    live_pages = torch.arange(num_pages, device=ids.device)[None, :] * RANK_PAGE < ranks[:, None]  # [D, n]
+    rows = pages[torch.where(live_pages, ids, 0)].reshape(d, num_pages * RANK_PAGE, width)  # [D, R, width]
+    if not zero_past_rank:
         return rows
     return torch.where(live_rows(ranks, num_pages * RANK_PAGE)[:, :, None], rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
 

@@ -307,13 +307,16 @@ def shrink_ref(
             n = pages_for(bound)
             if n == 0:
                 continue  # no slot of the batch targets this slice
-            # column j of t reads only rank row j of A: the rows past each rank are masked
-            # in t [D, M, R], not in the larger A [D, R, in] (they may hold anything)
-            t = torch.bmm(xs, gather_rows(pages, tables[i], n).float().transpose(1, 2))  # [D, M, R_i]
-            if rank_scale is not None:
-                t = t * rank_scale[i, groups.slots, : n * RANK_PAGE][:, None, :]
-            t = torch.where(live_rows(slot_ranks[i], n * RANK_PAGE)[:, None, :], t, 0.0)
-            out[i, groups.rows, : n * RANK_PAGE] = t[groups.valid]
+            r_pad = n * RANK_PAGE
+            for part, rows in groups.runs(r_pad * x.shape[1]):
+                # column j of t reads only rank row j of A: the rows past each rank are masked
+                # in t [C, M, R], not in the larger A [C, R, in] (they may hold anything)
+                a = gather_rows(pages, tables[i][part], slot_ranks[i][part], n, zero_past_rank=False)  # [C, R_i, in]
+                t = torch.bmm(xs[part], a.float().transpose(1, 2))  # [C, M, R_i]
+                if rank_scale is not None:
+                    t = t * rank_scale[i, groups.slots[part], :r_pad][:, None, :]
+                t = torch.where(live_rows(slot_ranks[i][part], r_pad)[:, None, :], t, 0.0)
+                out[i, rows, :r_pad] = t[groups.valid[part]]
     if groups.long:
         table, rank_of = page_table.tolist(), ranks.tolist()  # n_slices × [S × [MP]], n_slices × [S]
     for s, rows in groups.long:

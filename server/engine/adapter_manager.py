@@ -327,7 +327,8 @@ class AdapterManager:
 
     # -- internals -------------------------------------------------------------------------
     def _stage(self, weights: AdapterWeights) -> StagedAdapter:
-        staged = self.pages.stage(weights, fold_shared=self._fold_shared)
+        with helper_torch_threads(self._base.device):  # an admin thread's upload stages here too
+            staged = self.pages.stage(weights, fold_shared=self._fold_shared)
         if staged.nbytes > self.host.budget_bytes:
             raise AdapterError(f"the adapter takes {staged.nbytes} bytes in the host cache, over its budget of "
                                f"{self.host.budget_bytes} (raise --host-cache-mb)")  # fmt: skip

@@ -12,6 +12,11 @@ the admin calls that convert an upload run their small tensor work on one. Besid
 the engine thread's own CPU work is small, and the helpers keep torch's threads for the
 CPU side of conversions (reading and checking an adapter's tensors).
 
+torch.set_num_threads also sets the count that threads started afterwards begin with
+(the first torch op of a new thread copies it), so once a helper has set its one, later
+threads (gRPC handlers among them) start on one as well, until they set their own: the
+engine thread does.
+
 (Not at a lower CPU priority either: a niced helper that holds the GIL when the OS parks
 it stalls the engine thread. On bench/cold_adapter.py, CPU, the p99 of the steps that
 overlap a load went from ~2.0x to 2.0-3.2x the no-load median with the validator at nice 19.)"""

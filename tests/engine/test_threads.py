@@ -26,14 +26,21 @@ def _in_new_thread():
 
 
 def test_cpu_helpers_run_on_one_torch_thread_at_the_callers_priority():
+    """A CPU model's helpers set one torch thread; a GPU model's keep the count a new thread
+    starts with (torch's process-wide one, set to 2 here so that 1 would show)."""
     own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    for device, want in ((torch.device("cpu"), 1), (torch.device("cuda"), None)):  # no GPU needed: no CUDA call
-        want = want or _in_new_thread()[0]  # beside a GPU: what any new thread gets
-        pool = helper_executor("test-helper", device)
-        try:
-            assert pool.submit(_in_thread).result(timeout=10) == (want, own)
-        finally:
-            pool.shutdown()
+    before = torch.get_num_threads()
+    try:
+        for device, want in ((torch.device("cuda"), 2), (torch.device("cpu"), 1)):  # no GPU needed: no CUDA call
+            torch.set_num_threads(2)  # also what threads started afterwards begin with
+            assert _in_new_thread()[0] == 2
+            pool = helper_executor("test-helper", device)
+            try:
+                assert pool.submit(_in_thread).result(timeout=10) == (want, own)
+            finally:
+                pool.shutdown()
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_helper_torch_threads_restores_the_callers_count():

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from loraplex.kernels.expand import expand, expand_ref
+from loraplex.kernels import mapping
 from loraplex.kernels.mapping import SHORT_SEGMENT, LoraMapping, LoraMappingBuffers, build_mapping
 from loraplex.kernels.shrink import shrink, shrink_ref
 
@@ -159,6 +160,22 @@ def test_reads_nothing_past_the_rank():
     c = make_case(17, QKV, 5, 48, torch.bfloat16, "zipf", seed=4, ranks=ranks, max_pages=5)
     assert c.table.shape[2] == 5 and all(p.isnan().any() for p in c.pages) and c.t.isnan().any()
     check_case(c)
+
+
+@pytest.mark.parametrize("num_tokens", [17, 48])
+def test_ref_never_reads_table_entries_past_the_rank(num_tokens, monkeypatch):
+    # entries past ceil(rank / 16) out of any pool's range, and slots taken one run each
+    # (MAX_GATHER 1): the same result as with the spare ids and one batched matmul
+    ranks = torch.tensor([[1, 15, 17, 33, 47], [2, 31, 16, 48, 5], [48, 3, 32, 1, 20]], dtype=torch.int32)
+    c = make_case(num_tokens, QKV, 5, 48, torch.float32, "zipf", seed=4, ranks=ranks, max_pages=5)
+    want = reference(c.y, *c.args)
+    need = (c.ranks.long() + 15) // 16  # [n, S]
+    dead = torch.arange(c.table.shape[2], device=DEVICE)[None, None, :] >= need[:, :, None]
+    garbage = c.table.masked_fill(dead, 10**6)
+    assert torch.equal(reference(c.y, c.t, c.pages, garbage, c.ranks, c.scales, c.g, c.mapping), want)
+    monkeypatch.setattr(mapping, "MAX_GATHER", 1)
+    runs = build_mapping(c.mapping.token_slots, 5)
+    torch.testing.assert_close(reference(c.y, c.t, c.pages, garbage, c.ranks, c.scales, c.g, runs), want, atol=1e-6, rtol=1e-6)
 
 
 def test_shrink_then_expand():

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from loraplex.kernels import mapping
 from loraplex.kernels.mapping import SHORT_SEGMENT, LoraMapping, build_mapping
 from loraplex.kernels.shrink import shrink, shrink_ref
 
@@ -128,6 +129,22 @@ def test_reads_nothing_past_the_rank():
     c = make_case(17, 50, 5, 48, 2, torch.bfloat16, "zipf", seed=4, ranks=ranks, max_pages=5)
     assert c.table.shape[2] == 5 and all(p.isnan().any() for p in c.pages)
     check(c, run_shrink(c))
+
+
+@pytest.mark.parametrize("num_tokens,mix", [(17, "zipf"), (48, "zipf")])
+def test_ref_never_reads_table_entries_past_the_rank(num_tokens, mix, monkeypatch):
+    # entries past ceil(rank / 16) out of any pool's range, and slots taken one run each
+    # (MAX_GATHER 1): the same result as with the spare ids and one batched matmul
+    ranks = torch.tensor([[1, 15, 17, 33, 47], [0, 2, 31, 16, 48]], dtype=torch.int32)
+    c = make_case(num_tokens, 50, 5, 48, 2, torch.float32, mix, seed=4, ranks=ranks, max_pages=5)
+    want = shrink_ref(*c.args)
+    need = (c.ranks.long() + 15) // 16  # [n, S]
+    dead = torch.arange(c.table.shape[2], device=DEVICE)[None, None, :] >= need[:, :, None]
+    c.table = c.table.masked_fill(dead, 10**6)
+    assert torch.equal(shrink_ref(*c.args), want)
+    monkeypatch.setattr(mapping, "MAX_GATHER", 1)
+    c.mapping = build_mapping(c.mapping.token_slots, 5)
+    torch.testing.assert_close(shrink_ref(*c.args), want, atol=1e-6, rtol=1e-6)
 
 
 def test_no_adapter_and_no_tokens():

@@ -41,7 +41,7 @@ from loraplex.server.engine.runner import ModelRunner
 from loraplex.server.engine.sampler import SAMPLING_FAILED_ERROR, SamplerInputs, request_seed, sample_step
 from loraplex.server.engine.scheduler import Scheduled, Scheduler, SchedulerConfig
 from loraplex.server.engine.sequence import Sequence
-from loraplex.server.engine.threads import engine_cpu_threads
+from loraplex.server.engine.threads import engine_cpu_threads, in_passing_thread
 from loraplex.server.engine.tokenizer import Tokenizer
 from loraplex.server.model.loader import LoadSpec, load_model
 from loraplex.server.model.ops import model_ops
@@ -115,6 +115,12 @@ class Engine:
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "Engine":
+        if config.torch_device.type == "cpu":  # the build's OpenMP team must not outlive it (threads.py)
+            return in_passing_thread(cls._build, config)
+        return cls._build(config)
+
+    @classmethod
+    def _build(cls, config: EngineConfig) -> "Engine":
         spec = LoadSpec(QuantSpec(mode=config.quantize), config.torch_dtype, str(config.torch_device), nf4_backend=config.nf4_backend)
         model = load_model(config.model_dir, spec)
         engine = cls(config, model, Tokenizer(config.model_dir))

@@ -12,6 +12,12 @@ the admin calls that convert an upload run their small tensor work on one. Besid
 the engine thread's own CPU work is small, and the helpers keep torch's threads for the
 CPU side of conversions (reading and checking an adapter's tensors).
 
+Building an engine on the CPU (loading the model, allocating the KV cache) runs on a
+thread of its own that ends when the build does (`in_passing_thread`): the OpenMP team its
+ops start ends with it, where the caller's (the main thread's) would stay beside the engine
+thread's for the life of the process, past the core count on any machine once the engine
+takes every core but one.
+
 torch.set_num_threads also sets the count that threads started afterwards begin with
 (the first torch op of a new thread copies it), so once a helper has set its one, later
 threads (gRPC handlers among them) start on one as well, until they set their own: the
@@ -24,6 +30,7 @@ overlap a load went from ~2.0x to 2.0-3.2x the no-load median with the validator
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -60,3 +67,22 @@ def helper_torch_threads(device: torch.device):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def in_passing_thread(fn, *args):
+    """fn(*args) on a thread that ends when it returns (the caller waits for it; its
+    exception is re-raised here): the OpenMP team torch starts for its ops ends with it."""
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = fn(*args)
+        except BaseException as error:  # noqa: BLE001 - handed to the caller
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, name="engine-build", daemon=True)  # daemon: Ctrl-C during a load exits
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]

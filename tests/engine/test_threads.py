@@ -50,3 +50,34 @@ def test_helper_torch_threads_restores_the_callers_count():
     assert torch.get_num_threads() == before
     with helper_torch_threads(torch.device("cuda")):
         assert torch.get_num_threads() == before
+
+
+BUILD_AND_COUNT = """
+import os, sys, torch
+from loraplex.server.engine.config import EngineConfig
+from loraplex.server.engine.engine import Engine
+torch.set_num_threads(2)  # what the build's thread starts with: an OpenMP team of 2 for its ops
+tasks = lambda: len(os.listdir("/proc/self/task"))
+before = tasks()
+engine = Engine.from_config(EngineConfig(model_dir=sys.argv[1], device="cpu", kv_cache_tokens=1024))
+after = tasks()
+(torch.randn(256, 256) @ torch.randn(256, 256)).sum()  # the same ops on this thread do leave a worker
+print(before, after, tasks())
+"""
+
+
+def test_building_a_cpu_engine_leaves_no_openmp_workers_behind():
+    """The build's OpenMP team ends with its passing thread: the process has as many OS
+    threads after Engine.from_config as before (the engine thread is not started yet),
+    where a parallel op on the calling thread leaves a worker for good."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import loraplex
+
+    tiny = Path(loraplex.__file__).parent / "assets" / "tiny-llama"
+    out = subprocess.run([sys.executable, "-c", BUILD_AND_COUNT, str(tiny)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    before, after, with_main_op = map(int, out.stdout.split()[-3:])
+    assert after == before and with_main_op > after

@@ -346,12 +346,15 @@ def processes():
 
 
 def test_sigterm_drains_many_streams_and_cancels_what_outlives_the_grace(tmp_path, processes, peft_dirs):
-    grace = 3.0
+    # The long stream's 968 tokens take ~2.1 s on a 2-core CI machine (2.2 ms a token,
+    # one stream on the tiny model); the short ones ~20 ms each: a 1 s grace ends in
+    # between, with room both ways (at 3 s the long one could finish in time).
+    grace = 1.0
     p = ServeProcess(tmp_path, "--max-running", "3", "--max-queue", "8", "--shutdown-grace", str(grace))
     processes.append(p)
     with LoraplexClient(p.target, admin_token=ADMIN_TOKEN, timeout=60) as client:
         client.upload_adapter("kept", peft_dirs["lora-b"])
-        short = dict(max_new_tokens=24, ignore_eos=True)
+        short = dict(max_new_tokens=8, ignore_eos=True)
         expected = {a: client.generate(PROMPT, a, **short).token_ids for a in ("", "kept")}
         # Running: one stream that cannot finish within the grace, two short ones;
         # queued behind them: two more short ones (max-running 3).

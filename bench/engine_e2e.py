@@ -10,7 +10,7 @@ device pool and host cache sized to hold them, and the NF4 backend: `--nf4-backe
 default auto, our fused Triton dequant-matmul, since bitsandbytes dequantizes the whole
 weight for every batched matmul and so reads ~9x the NF4 bytes a decode step must; if
 that engine fails to build or warm up, the run says so and falls back to bitsandbytes)
-with 32 distinct adapters, the same
+with 32 distinct adapters (and, last, the same on bitsandbytes' NF4 for comparison), the same
 eager (no CUDA graphs), the same with sync steps (each step's tokens read before the
 next step is launched: what overlapped steps buy), one for all, and none; Hugging Face transformers NF4 (BitsAndBytesConfig, double quantization) + PEFT's
 mixed-adapter batch (`generate(..., adapter_names=[...])`, the 32 adapters loaded with
@@ -159,7 +159,7 @@ def step_bytes(s: Shape, batch: int, context: float, adapters: int, rank: int) -
 
 
 # -- loraplex ------------------------------------------------------------------------------
-def make_engine(args, model_dir: Path, adapter_root: Path, shape: Shape):
+def make_engine(args, model_dir: Path, adapter_root: Path, shape: Shape, nf4_backend: str | None = None):
     from loraplex.server.engine.config import EngineConfig
     from loraplex.server.engine.engine import Engine
 
@@ -171,7 +171,7 @@ def make_engine(args, model_dir: Path, adapter_root: Path, shape: Shape):
     slot = shape.layers * sum(2 * o for _, o in mods) * size
     pool = int(1.25 * args.adapters * (page * -(-args.rank // 16) + slot)) + (16 << 20)
     cfg = EngineConfig(model_dir=model_dir, adapter_root=adapter_root, device=args.device, adapter_slots=args.adapters,
-                       max_rank=args.rank, adapter_pool_bytes=pool, host_cache_bytes=max(1 << 30, 4 * pool), nf4_backend=args.nf4_backend,
+                       max_rank=args.rank, adapter_pool_bytes=pool, host_cache_bytes=max(1 << 30, 4 * pool), nf4_backend=nf4_backend or args.nf4_backend,
                        max_running=max(64, args.batch), kv_cache_tokens=max(16384, args.batch * (args.prompt_len + args.new_tokens)))  # fmt: skip
     engine = Engine.from_config(cfg)
     try:
@@ -206,6 +206,18 @@ def sync_steps(engine):
         yield
     finally:
         engine.overlap = overlap
+
+
+def run_bnb_row(args, model_dir: Path, adapter_root: Path, shape: Shape, mixed, label: str, k: int) -> dict:
+    """The mixed batch on an engine whose NF4 matmuls are bitsandbytes' (the engine's default)."""
+    engine = make_engine(args, model_dir, adapter_root, shape, nf4_backend="bnb")
+    try:
+        run_engine(engine, mixed, min(4, args.new_tokens))  # compiles the batch's kernels
+        return {"system": "loraplex, bnb NF4", "adapters": label, "k": k, **run_engine(engine, mixed, args.new_tokens)}
+    finally:
+        engine.shutdown(1)
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
 
 
 def run_engine(engine, jobs: list[tuple[list[int], str | None]], new_tokens: int) -> dict:
@@ -380,6 +392,13 @@ def main(argv=None) -> int:
             except Exception as e:  # noqa: BLE001 - reported, and the exit status says so
                 peft_error = f"{type(e).__name__}: {e}"
                 log(f"the HF NF4 + PEFT baseline failed: {peft_error}")
+        if args.nf4_backend != "bnb":  # last, after a report: the mixed batch on bitsandbytes' NF4, for comparison
+            json_path = report(args, shape, rows, bandwidth, peft_error, "the mixed batch on bitsandbytes' NF4 has not run yet", json_path)
+            try:
+                rows.append(run_bnb_row(args, model_dir, adapter_root, shape, mixed, mixed_label, len(names)))
+                log(f"{rows[-1]['system']} / {mixed_label}: {rows[-1]['tok_s']:.1f} tok/s, decode step {rows[-1]['step_ms']} ms")
+            except Exception as e:  # noqa: BLE001 - a comparison row: said, not fatal
+                log(f"the mixed batch on bitsandbytes' NF4 failed: {type(e).__name__}: {e}")
     path = report(args, shape, rows, bandwidth, peft_error, None, json_path)
     plot(rows, 1e3 * args.batch / rows[0]["limit_ms"], args.png or path.with_suffix(".png"))
     log("done")

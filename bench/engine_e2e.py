@@ -159,7 +159,9 @@ def step_bytes(s: Shape, batch: int, context: float, adapters: int, rank: int) -
 
 
 # -- loraplex ------------------------------------------------------------------------------
-def make_engine(args, model_dir: Path, adapter_root: Path, shape: Shape, nf4_backend: str | None = None):
+def make_engine(args, model_dir: Path, adapter_root: Path, shape: Shape, jobs, nf4_backend: str | None = None):
+    """A started engine, warmed up and with `jobs`' kernels compiled by a short run of them;
+    shut down again if any of that fails."""
     from loraplex.server.engine.config import EngineConfig
     from loraplex.server.engine.engine import Engine
 
@@ -177,6 +179,7 @@ def make_engine(args, model_dir: Path, adapter_root: Path, shape: Shape, nf4_bac
     try:
         engine.start()
         engine.warmup()
+        run_engine(engine, jobs, min(4, args.new_tokens))  # compiles the batch's kernels
     except BaseException:
         engine.shutdown(1)  # its thread, validator and device memory must not outlive a failed start
         raise
@@ -210,9 +213,8 @@ def sync_steps(engine):
 
 def run_bnb_row(args, model_dir: Path, adapter_root: Path, shape: Shape, mixed, label: str, k: int) -> dict:
     """The mixed batch on an engine whose NF4 matmuls are bitsandbytes' (the engine's default)."""
-    engine = make_engine(args, model_dir, adapter_root, shape, nf4_backend="bnb")
+    engine = make_engine(args, model_dir, adapter_root, shape, mixed, nf4_backend="bnb")
     try:
-        run_engine(engine, mixed, min(4, args.new_tokens))  # compiles the batch's kernels
         return {"system": "loraplex, bnb NF4", "adapters": label, "k": k, **run_engine(engine, mixed, args.new_tokens)}
     finally:
         engine.shutdown(1)
@@ -344,20 +346,16 @@ def main(argv=None) -> int:
                      ("loraplex", "1 for all", [(ids, names[0]) for ids in prompts], 1),
                      ("loraplex", "none", [(ids, None) for ids in prompts], 0)]  # fmt: skip
         rows = []
-        args.nf4_fallback, engine = None, None
+        args.nf4_fallback = None
         try:
-            engine = make_engine(args, model_dir, adapter_root, shape)
-            run_engine(engine, [(ids, a) for ids, a in mixed], min(4, args.new_tokens))  # compiles the batch's kernels
+            engine = make_engine(args, model_dir, adapter_root, shape, mixed)
         except Exception as e:  # noqa: BLE001 - the fused kernel failing must not lose the run: said, then bitsandbytes
             if args.nf4_backend == "bnb":
                 raise
             args.nf4_fallback = f"nf4_backend={args.nf4_backend} failed ({type(e).__name__}: {e}); rows use bnb"
             log(args.nf4_fallback)
-            if engine is not None:
-                engine.shutdown(1)
             args.nf4_backend = "bnb"
-            engine = make_engine(args, model_dir, adapter_root, shape)
-            run_engine(engine, [(ids, a) for ids, a in mixed], min(4, args.new_tokens))
+            engine = make_engine(args, model_dir, adapter_root, shape, mixed)
         log(f"engine loaded and warmed up (nf4_backend {args.nf4_backend})")
         try:
             for system, adapters, jobs, k in workloads:

@@ -133,10 +133,9 @@ class SlotGroups:
         offsets = np.arange(m)[None, :]  # [1, M]
         valid = offsets < counts[short][:, None]  # [D, M]
         at = starts[short][:, None] + np.where(valid, offsets, 0)  # [D, M] positions in sorted_tokens
-        tokens = order[at] if len(short) else np.zeros((0, 0), dtype=np.int64)
-        long = tuple((int(s), torch.from_numpy(order[starts[s] : starts[s + 1]]).to(sorted_tokens.device))
-                     for s in np.flatnonzero(counts > SHORT_SEGMENT))  # fmt: skip
+        tokens = order[at]  # [D, M]
         dev = sorted_tokens.device
+        long = tuple((int(s), torch.from_numpy(order[starts[s] : starts[s + 1]]).to(dev)) for s in np.flatnonzero(counts > SHORT_SEGMENT))
         return SlotGroups(torch.from_numpy(short).to(dev), torch.from_numpy(tokens).to(dev), torch.from_numpy(valid).to(dev),
                           torch.from_numpy(tokens[valid]).to(dev), long)  # fmt: skip
 

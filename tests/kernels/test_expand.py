@@ -19,7 +19,7 @@ from loraplex.kernels import mapping
 from loraplex.kernels.mapping import SHORT_SEGMENT, LoraMapping, LoraMappingBuffers, build_mapping
 from loraplex.kernels.shrink import shrink, shrink_ref
 
-from rank_page_cases import dense_factors, fill_pages, live_columns, paginate, random_ranks, shuffled_table
+from rank_page_cases import dense_factors, fill_pages, live_columns, paginate, random_ranks, shuffled_table, with_dead_entries
 from slot_mixes import token_slots
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -169,9 +169,7 @@ def test_ref_never_reads_table_entries_past_the_rank(num_tokens, monkeypatch):
     ranks = torch.tensor([[1, 15, 17, 33, 47], [2, 31, 16, 48, 5], [48, 3, 32, 1, 20]], dtype=torch.int32)
     c = make_case(num_tokens, QKV, 5, 48, torch.float32, "zipf", seed=4, ranks=ranks, max_pages=5)
     want = reference(c.y, *c.args)
-    need = (c.ranks.long() + 15) // 16  # [n, S]
-    dead = torch.arange(c.table.shape[2], device=DEVICE)[None, None, :] >= need[:, :, None]
-    garbage = c.table.masked_fill(dead, 10**6)
+    garbage = with_dead_entries(c.table, c.ranks)
     assert torch.equal(reference(c.y, c.t, c.pages, garbage, c.ranks, c.scales, c.g, c.mapping), want)
     monkeypatch.setattr(mapping, "MAX_GATHER", 1)
     runs = build_mapping(c.mapping.token_slots, 5)

@@ -16,7 +16,7 @@ from loraplex.kernels import mapping
 from loraplex.kernels.mapping import SHORT_SEGMENT, LoraMapping, build_mapping
 from loraplex.kernels.shrink import shrink, shrink_ref
 
-from rank_page_cases import dense_factors, live_columns, paginate, random_ranks
+from rank_page_cases import dense_factors, live_columns, paginate, random_ranks, with_dead_entries
 from slot_mixes import token_slots
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -138,9 +138,7 @@ def test_ref_never_reads_table_entries_past_the_rank(num_tokens, mix, monkeypatc
     ranks = torch.tensor([[1, 15, 17, 33, 47], [0, 2, 31, 16, 48]], dtype=torch.int32)
     c = make_case(num_tokens, 50, 5, 48, 2, torch.float32, mix, seed=4, ranks=ranks, max_pages=5)
     want = shrink_ref(*c.args)
-    need = (c.ranks.long() + 15) // 16  # [n, S]
-    dead = torch.arange(c.table.shape[2], device=DEVICE)[None, None, :] >= need[:, :, None]
-    c.table = c.table.masked_fill(dead, 10**6)
+    c.table = with_dead_entries(c.table, c.ranks)
     assert torch.equal(shrink_ref(*c.args), want)
     monkeypatch.setattr(mapping, "MAX_GATHER", 1)
     c.mapping = build_mapping(c.mapping.token_slots, 5)

@@ -87,6 +87,14 @@ def paginate(
     return fill_pages(factors, ranks, table, num_pages), table.to(factors[0].device)
 
 
+def with_dead_entries(table: torch.Tensor, ranks: torch.Tensor, value: int = 10**6) -> torch.Tensor:
+    """`table` [n, S, MP] with every entry past ceil(rank / 16) set to `value`: out of any
+    pool's range, so an op that reads one as a page id fails."""
+    need = (ranks.long() + RANK_PAGE - 1) // RANK_PAGE  # [n, S]
+    dead = torch.arange(table.shape[2], device=table.device)[None, None, :] >= need.to(table.device)[:, :, None]
+    return table.masked_fill(dead, value)
+
+
 def live_columns(ranks: torch.Tensor, token_slots: torch.Tensor, width: int) -> torch.Tensor:
     """[n, T, width] bool: column c of t[i, tok] is below rank[i, slot(tok)] (base tokens: none)."""
     slots = token_slots.long().cpu()  # [T]
